@@ -1,0 +1,74 @@
+// The CPU kernels' entry points. Each is compiled once per instruction set (kernels_generic.cpp,
+// kernels_avx2.cpp) and chosen at run time by cpu_isa().
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace vae_fast {
+namespace cpu {
+
+// One VAE loss evaluation on contiguous [batch, features] / [batch, latents] data of one dtype.
+struct LossProblem {
+  at::ScalarType dtype;
+  const void* recon;
+  const void* target;
+  const void* mu;
+  const void* logvar;
+  void* grad_recon;   // each grad pointer is null when that gradient is not wanted
+  void* grad_target;
+  void* grad_mu;
+  void* grad_logvar;
+  int64_t batch;
+  int64_t features;
+  int64_t latents;
+  bool logits;
+  double beta;
+  double grad_scale;      // 1, or 1/batch for reduction="mean"
+  double* row_loss;       // [batch] out: reconstruction + beta * KL of each sample
+  bool check_recon_range; // probabilities: flag any recon outside [0, 1]
+};
+
+struct LossDomainErrors {
+  bool recon_outside_unit = false;
+  bool target_outside_unit = false;
+};
+
+struct ReparameterizeProblem {
+  at::ScalarType dtype;
+  const void* mu;
+  const void* logvar;
+  void* z;
+  int64_t numel;
+  uint64_t seed;
+  uint64_t offset;
+};
+
+struct ReparameterizeBackwardProblem {
+  at::ScalarType dtype;
+  const void* grad_z;
+  const void* z;
+  const void* mu;
+  void* grad_logvar;
+  int64_t numel;
+};
+
+enum class Isa { generic, avx2 };
+
+// The best instruction set this CPU supports; VAE_FAST_CPU_ISA=generic forces the portable path.
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+#define VAE_FAST_DECLARE_KERNELS(ns)                                       \
+  namespace ns {                                                           \
+  LossDomainErrors vae_loss(const LossProblem& p);                         \
+  void reparameterize(const ReparameterizeProblem& p);                     \
+  void reparameterize_backward(const ReparameterizeBackwardProblem& p);    \
+  }
+VAE_FAST_DECLARE_KERNELS(generic)
+VAE_FAST_DECLARE_KERNELS(avx2)
+#undef VAE_FAST_DECLARE_KERNELS
+
+}  // namespace cpu
+}  // namespace vae_fast

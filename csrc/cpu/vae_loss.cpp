@@ -1,0 +1,73 @@
+// vae_fast::vae_loss on CPU: checks, then one pass over the data that yields the loss and, when
+// asked, every input gradient (csrc/cpu/kernels_impl.h).
+#include "../vae_loss_common.h"
+#include "kernels.h"
+
+#include <torch/library.h>
+
+#include <vector>
+
+namespace vae_fast {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
+    const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+    bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
+  const Reduction red = parse_reduction(reduction);
+  const LossShape shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
+  const at::Tensor r_c = recon.contiguous(), x_c = x.contiguous(), mu_c = mu.contiguous(),
+                   lv_c = logvar.contiguous();
+  at::Tensor grad_r = maybe_grad_like(recon, grad_mask[0]);
+  at::Tensor grad_x = maybe_grad_like(x, grad_mask[1]);
+  at::Tensor grad_mu = maybe_grad_like(mu, grad_mask[2]);
+  at::Tensor grad_lv = maybe_grad_like(logvar, grad_mask[3]);
+
+  std::vector<double> row_loss(shape.batch);
+  LossProblem p;
+  p.dtype = recon.scalar_type();
+  p.recon = r_c.const_data_ptr();
+  p.target = x_c.const_data_ptr();
+  p.mu = mu_c.const_data_ptr();
+  p.logvar = lv_c.const_data_ptr();
+  p.grad_recon = grad_mask[0] ? grad_r.mutable_data_ptr() : nullptr;
+  p.grad_target = grad_mask[1] ? grad_x.mutable_data_ptr() : nullptr;
+  p.grad_mu = grad_mask[2] ? grad_mu.mutable_data_ptr() : nullptr;
+  p.grad_logvar = grad_mask[3] ? grad_lv.mutable_data_ptr() : nullptr;
+  p.batch = shape.batch;
+  p.features = shape.features;
+  p.latents = shape.latents;
+  p.logits = logits;
+  p.beta = beta;
+  p.grad_scale = (red == Reduction::mean && shape.batch > 0) ? 1.0 / static_cast<double>(shape.batch) : 1.0;
+  p.row_loss = row_loss.data();
+  p.check_recon_range = !logits;
+
+  const LossDomainErrors errors = cpu_isa() == Isa::avx2 ? avx2::vae_loss(p) : generic::vae_loss(p);
+  TORCH_CHECK_VALUE(!errors.recon_outside_unit,
+                    "vae_loss: recon must hold probabilities in [0, 1] when logits=False, but some value is "
+                    "outside; pass logits=True if recon holds logits");
+  TORCH_CHECK_VALUE(!errors.target_outside_unit,
+                    "vae_loss: x (the target) must lie in [0, 1] for a Bernoulli likelihood, but some value is outside");
+
+  const at::ScalarType out_dtype = loss_dtype(recon.scalar_type());
+  at::Tensor loss;
+  if (red == Reduction::none) {
+    loss = at::empty({shape.batch}, recon.options().dtype(at::kDouble));
+    std::copy(row_loss.begin(), row_loss.end(), loss.mutable_data_ptr<double>());
+    loss = loss.to(out_dtype);
+  } else {
+    // Fixed left-to-right order: the same rows give the same bits on any thread count.
+    double total = 0.0;
+    for (double v : row_loss) total += v;
+    if (red == Reduction::mean) total /= static_cast<double>(shape.batch);  // empty batch: NaN, as torch.mean
+    loss = at::scalar_tensor(total, recon.options().dtype(out_dtype));
+  }
+  return {loss, grad_r, grad_x, grad_mu, grad_lv};
+}
+
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {
+  m.impl("vae_loss", &vae_loss_cpu);
+}
+
+}  // namespace cpu
+}  // namespace vae_fast

@@ -1,0 +1,45 @@
+// The schemas of vae_fast's custom ops. Kernels register per device in csrc/cpu/ and csrc/cuda/;
+// autograd and fake (meta) kernels are registered from Python in vae_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(vae_fast::cpu::isa_name(vae_fast::cpu::cpu_isa()));
+}
+
+PyObject* cuda_compiled(PyObject*, PyObject*) {
+#ifdef VAE_FAST_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use: 'avx2' or 'generic'."},
+    {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether this build contains the CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" {
+// `import vae_fast._C` loads this library, which runs the TORCH_LIBRARY blocks below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vae_fast, m) {
+  m.def("reparameterize(Tensor mu, Tensor logvar, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
+  m.def("reparameterize_backward(Tensor grad_z, Tensor z, Tensor mu) -> Tensor");
+  // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar); a gradient is an empty tensor unless
+  // its grad_mask entry is set. Gradients are of the reduced loss (before scaling by grad_output).
+  m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, bool logits, float beta, str reduction, "
+        "bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,69 @@
+// Argument checks and shape logic of vae_fast::vae_loss shared by the CPU and CUDA hosts.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/string_view.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+namespace vae_fast {
+
+enum class Reduction { none, mean, sum };
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "sum") return Reduction::sum;
+  if (reduction == "mean") return Reduction::mean;
+  if (reduction == "none") return Reduction::none;
+  TORCH_CHECK_VALUE(false, "vae_loss: reduction must be 'sum', 'mean' or 'none', got '",
+                    std::string(reduction), "'");
+}
+
+struct LossShape {
+  int64_t batch;
+  int64_t features;
+  int64_t latents;
+};
+
+inline int64_t per_sample_numel(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().slice(1));
+}
+
+inline LossShape check_vae_loss_inputs(const at::Tensor& recon, const at::Tensor& x,
+                                       const at::Tensor& mu, const at::Tensor& logvar, double beta) {
+  TORCH_CHECK_VALUE(recon.dim() >= 1, "vae_loss: recon must have a batch dimension, got a 0-d tensor");
+  const int64_t batch = recon.size(0);
+  TORCH_CHECK_TYPE(at::isFloatingType(recon.scalar_type()), "vae_loss: recon must be a floating tensor, got ",
+                   recon.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"x", x}, {"mu", mu}, {"logvar", logvar}}) {
+    TORCH_CHECK_TYPE(t.scalar_type() == recon.scalar_type(), "vae_loss: ", name, " has dtype ", t.scalar_type(),
+                     " but recon has ", recon.scalar_type(), "; all inputs of the op must share one dtype");
+    TORCH_CHECK_VALUE(t.device() == recon.device(), "vae_loss: ", name, " is on ", t.device(),
+                      " but recon is on ", recon.device());
+    TORCH_CHECK_VALUE(t.dim() >= 1 && t.size(0) == batch, "vae_loss: ", name, " must have batch size ", batch,
+                      " (recon.size(0)), got shape ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(mu.sizes() == logvar.sizes(), "vae_loss: mu and logvar must have the same shape, got ",
+                    mu.sizes(), " and ", logvar.sizes());
+  const int64_t features = per_sample_numel(recon);
+  const int64_t x_features = per_sample_numel(x);
+  TORCH_CHECK_VALUE(features == x_features, "vae_loss: recon has ", features, " elements per sample but x has ",
+                    x_features, " (shapes ", recon.sizes(), " and ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(beta >= 0.0, "vae_loss: beta must be a non-negative number, got ", beta);
+  const int64_t latents = per_sample_numel(mu);
+  return {batch, features, latents};
+}
+
+// Losses of half-precision inputs come back in float32: a summed loss overflows float16 easily.
+inline at::ScalarType loss_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Empty placeholder for a gradient that was not asked for (the op always returns five tensors).
+inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
+  return wanted ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous))
+                : at::empty({0}, t.options());
+}
+
+}  // namespace vae_fast

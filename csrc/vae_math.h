@@ -1,0 +1,175 @@
+// The scalar math of vae_fast, written once and used by every kernel.
+//
+// Each formula is a template over T, which is a float/double on CUDA and in the CPU tails, and an
+// at::vec::Vectorized<float|double> in the CPU bodies: the element-wise primitives below have
+// scalar overloads here and vector overloads in csrc/cpu/vec_primitives.h. Formulas are branch-free
+// (select_nonneg instead of ?:) so that the same text works for both.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define VAE_HD __host__ __device__ __forceinline__
+#else
+#define VAE_HD inline
+#endif
+
+// The CPU kernels are compiled once per instruction set (csrc/cpu/kernels_*.cpp); the inline
+// namespace keeps each copy's symbols apart so the linker never mixes an AVX2 body into the
+// generic path.
+#ifndef VAE_FAST_ISA
+#define VAE_FAST_ISA generic
+#endif
+
+namespace vae_fast {
+namespace math {
+inline namespace VAE_FAST_ISA {
+
+// ---- scalar primitives (float and double overloads, host and device) ----
+VAE_HD float exp_(float v) { return ::expf(v); }
+VAE_HD double exp_(double v) { return ::exp(v); }
+VAE_HD float expm1_(float v) { return ::expm1f(v); }
+VAE_HD double expm1_(double v) { return ::expm1(v); }
+VAE_HD float log_(float v) { return ::logf(v); }
+VAE_HD double log_(double v) { return ::log(v); }
+VAE_HD float log1p_(float v) { return ::log1pf(v); }
+VAE_HD double log1p_(double v) { return ::log1p(v); }
+VAE_HD float sqrt_(float v) { return ::sqrtf(v); }
+VAE_HD double sqrt_(double v) { return ::sqrt(v); }
+VAE_HD float sin_(float v) { return ::sinf(v); }
+VAE_HD double sin_(double v) { return ::sin(v); }
+VAE_HD float cos_(float v) { return ::cosf(v); }
+VAE_HD double cos_(double v) { return ::cos(v); }
+VAE_HD float abs_(float v) { return ::fabsf(v); }
+VAE_HD double abs_(double v) { return ::fabs(v); }
+// `v < lo ? lo : v` keeps a NaN v (fmax would replace it by lo and hide it).
+template <typename S>
+VAE_HD S clamp_below(S v, S lo) { return v < lo ? lo : v; }
+template <typename S>
+VAE_HD S select_nonneg(S cond, S if_nonneg, S if_neg) { return cond >= S(0) ? if_nonneg : if_neg; }
+
+// ---- Bernoulli reconstruction term, one element ----
+template <typename T>
+struct BceTerm {
+  T loss;      // -[x log p + (1 - x) log(1 - p)]
+  T d_recon;   // d loss / d recon (recon = p or logit r)
+  T d_target;  // d loss / d x
+};
+
+// From probabilities p, with log terms clamped at -100 and the gradient's denominator at 1e-12,
+// exactly as torch.nn.functional.binary_cross_entropy and its backward do.
+template <typename T>
+VAE_HD BceTerm<T> bce_from_probs(T p, T x) {
+  const T one(1), min_log(-100), min_denominator(1e-12);
+  const T log_p = clamp_below(log_(p), min_log);
+  const T log_1mp = clamp_below(log1p_(-p), min_log);
+  BceTerm<T> t;
+  t.loss = -(x * log_p + (one - x) * log_1mp);
+  t.d_recon = (p - x) / clamp_below(p * (one - p), min_denominator);
+  t.d_target = log_1mp - log_p;
+  return t;
+}
+
+// From logits r. loss = softplus(r) - x r, written as [(1-x) r if r >= 0 else -x r] + log1p(e^-|r|)
+// so that nothing cancels for saturated logits. The gradient sigmoid(r) - x is computed as
+// (1 - x) sigmoid(r) - x sigmoid(-r): the naive difference loses all digits of sigmoid(-r) when
+// sigmoid(r) rounds to 1 (e.g. r = 20, x = 1 gives ~1e-3 relative error in float32).
+template <typename T>
+VAE_HD BceTerm<T> bce_from_logits(T r, T x) {
+  const T one(1);
+  const T e = exp_(-abs_(r));
+  const T big = one / (one + e);  // sigmoid(|r|)
+  const T small = e * big;        // sigmoid(-|r|)
+  BceTerm<T> t;
+  t.loss = select_nonneg(r, (one - x) * r, -(x * r)) + log1p_(e);
+  t.d_recon = (one - x) * select_nonneg(r, big, small) - x * select_nonneg(r, small, big);
+  t.d_target = -r;
+  return t;
+}
+
+// ---- KL(N(mu, exp(logvar)) || N(0, 1)), one latent ----
+template <typename T>
+struct KlTerm {
+  T kl;
+  T d_mu;
+  T d_logvar;
+};
+
+// kl = -0.5 (1 + lv - mu^2 - e^lv) = 0.5 (mu^2 + expm1(lv) - lv); expm1 keeps the digits that
+// 1 + lv - e^lv throws away near lv = 0. A logvar that overflows exp gives +inf, never NaN.
+template <typename T>
+VAE_HD KlTerm<T> kl_standard_normal(T mu, T lv) {
+  const T half(0.5);
+  const T em1 = expm1_(lv);
+  KlTerm<T> t;
+  t.kl = half * (mu * mu + em1 - lv);
+  t.d_mu = mu;
+  t.d_logvar = half * em1;
+  return t;
+}
+
+// ---- reparameterization ----
+template <typename T>
+VAE_HD T reparameterize_sample(T mu, T lv, T eps) {
+  return mu + exp_(T(0.5) * lv) * eps;
+}
+
+// d z / d logvar = 0.5 exp(0.5 lv) eps = 0.5 (z - mu): no need to keep eps.
+template <typename T>
+VAE_HD T reparameterize_grad_logvar(T grad_z, T z, T mu) {
+  return T(0.5) * grad_z * (z - mu);
+}
+
+// ---- counter-based normal numbers ----
+// Philox4x32-10 (Salmon et al., SC'11): a pure function of (counter, key), so every element's
+// noise depends only on (seed, offset, its index), never on thread count or launch shape.
+struct Philox4 {
+  uint32_t v[4];
+};
+
+VAE_HD Philox4 philox4x32_10(uint64_t seed, uint64_t offset, uint64_t subsequence) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32);
+  uint32_t c2 = static_cast<uint32_t>(subsequence), c3 = static_cast<uint32_t>(subsequence >> 32);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Uniforms from 32 random bits: (0, 1] for the logarithm (never log 0), [0, 1) for the angle.
+template <typename S>
+VAE_HD S uniform_open_closed(uint32_t bits) {
+  return (static_cast<S>(bits) + S(1)) * S(2.3283064365386963e-10);
+}
+template <typename S>
+VAE_HD S uniform_closed_open(uint32_t bits) {
+  return static_cast<S>(bits) * S(2.3283064365386963e-10);
+}
+
+// Box-Muller: two uniforms give two independent standard normals.
+template <typename T>
+VAE_HD void box_muller(T u_radius, T u_angle, T& first, T& second) {
+  const T radius = sqrt_(T(-2) * log_(u_radius));
+  const T angle = T(6.283185307179586) * u_angle;
+  first = radius * cos_(angle);
+  second = radius * sin_(angle);
+}
+
+// Element i of a draw takes its noise from Philox block i / 4 (subsequence) at the call's offset:
+// word pair (0,1) gives elements 4k and 4k+1, pair (2,3) elements 4k+2 and 4k+3.
+constexpr int64_t kNormalsPerPhiloxBlock = 4;
+
+}  // namespace VAE_FAST_ISA
+}  // namespace math
+}  // namespace vae_fast

@@ -1,0 +1,73 @@
+"""Build of vae_fast's C++/CUDA extension (vae_fast._C).
+
+The CPU kernels are always built. The CUDA kernels are added when torch is a CUDA build and nvcc
+is found (CUDA_HOME or /usr/local/cuda); VAE_FAST_CUDA=0 skips them, VAE_FAST_CUDA=1 makes their
+absence an error. Architectures default to sm_80 and sm_90 (override with TORCH_CUDA_ARCH_LIST);
+MAX_JOBS bounds parallel compilation, as in every torch extension.
+"""
+
+import glob
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def cuda_wanted() -> bool:
+    setting = os.environ.get("VAE_FAST_CUDA", "auto")
+    available = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if setting == "0":
+        return False
+    if setting == "1" and not available:
+        raise RuntimeError(
+            "VAE_FAST_CUDA=1 but the CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return available
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers that torch's CUDA wheels ship (curand, cusparse, ...) and that ATen/cuda needs.
+
+    A bare toolkit may lack them; torch >= 2.9 wheels bring them under site-packages/nvidia/cu*/include.
+    """
+    dirs = []
+    for entry in map(Path, torch.__path__):
+        for include in sorted(entry.parent.glob("nvidia/cu*/include")) + sorted(entry.parent.glob("nvidia/*/include")):
+            if include.is_dir():
+                dirs.append(str(include))
+    return dirs
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fdiagnostics-color=always"]
+    macros = []
+    if not cuda_wanted():
+        return cpp_extension.CppExtension(
+            "vae_fast._C", sources, extra_compile_args={"cxx": cxx}, define_macros=macros
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    macros.append(("VAE_FAST_WITH_CUDA", None))
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if os.environ.get("VAE_FAST_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    return cpp_extension.CUDAExtension(
+        "vae_fast._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=pip_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        define_macros=macros,
+    )
+
+
+setup(
+    packages=find_packages(include=["vae_fast", "vae_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)

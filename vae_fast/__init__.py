@@ -1,0 +1,14 @@
+"""vae_fast: fused C++/CUDA kernels for variational autoencoders.
+
+    from vae_fast import VAE, loss_function      # drop-in for the PyTorch examples' VAE
+    z = vae_fast.reparameterize(mu, logvar)      # eps drawn inside the kernel
+    loss = vae_fast.vae_loss(recon, x, mu, logvar, logits=True, beta=1.0, reduction="sum")
+"""
+
+from . import reference
+from ._info import backend_info
+from .functional import loss_function, reparameterize, vae_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["reparameterize", "vae_loss", "loss_function", "reference", "backend_info", "__version__"]

@@ -1,0 +1,76 @@
+"""Loading of the compiled extension, and which implementation serves each device.
+
+`import vae_fast` never fails because of the extension: when `vae_fast._C` is missing or does not
+load, every op falls back to `vae_fast.reference` and a RuntimeWarning says so once. Never
+silently slow.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the torch.ops.vae_fast kernels)
+
+    LOAD_ERROR: str | None = None
+except (ImportError, OSError) as error:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = f"{type(error).__name__}: {error}"
+
+OPS = ("vae_loss", "reparameterize", "reparameterize_backward")
+_warned: set[str] = set()
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def cuda_kernels_compiled() -> bool:
+    return _C is not None and bool(_C.cuda_compiled())
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether vae_fast::<op> has a kernel registered for this device type (e.g. "cpu", "cuda")."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vae_fast::{op}", key)
+
+
+def reason_for_reference(device_type: str) -> str | None:
+    """None when the extension serves this device type, else why the reference does."""
+    if _C is None:
+        return f"the compiled extension did not load ({LOAD_ERROR})"
+    if device_type == "cuda" and not cuda_kernels_compiled():
+        return "the extension was built without its CUDA kernels (torch CPU build or no nvcc at build time)"
+    if not has_kernel("vae_loss", device_type):
+        return f"the extension has no kernels for device type '{device_type}'"
+    return None
+
+
+def serves(device: torch.device) -> bool:
+    """True when the compiled kernels serve tensors on `device`; warns once per device type if not."""
+    reason = reason_for_reference(device.type)
+    if reason is None:
+        return True
+    if device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(
+            f"vae_fast: using the pure-torch reference on {device.type} because {reason}; "
+            "it is correct but slower. See vae_fast.backend_info().",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+if _C is None:
+    warnings.warn(
+        f"vae_fast: the compiled extension is not available ({LOAD_ERROR}); every op uses the "
+        "slower pure-torch reference. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _warned.update({"cpu", "cuda"})
