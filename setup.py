@@ -46,11 +46,13 @@ def pip_cuda_include_dirs() -> list[str]:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fdiagnostics-color=always"]
+    # at::parallel_for is header code: without -fopenmp it silently runs on one thread.
+    cxx = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]
+    link = ["-fopenmp"]
     macros = []
     if not cuda_wanted():
         return cpp_extension.CppExtension(
-            "vae_fast._C", sources, extra_compile_args={"cxx": cxx}, define_macros=macros
+            "vae_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, define_macros=macros
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     macros.append(("VAE_FAST_WITH_CUDA", None))
@@ -62,6 +64,7 @@ def extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=pip_cuda_include_dirs(),
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
         define_macros=macros,
     )
 

@@ -74,7 +74,7 @@ def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
             raise ValueError(
                 f"vae_loss: {name} must have batch size {batch} (recon.shape[0]), got shape {tuple(value.shape)}"
             )
-    per_sample = recon[0].numel() if batch else int(torch.Size(recon.shape[1:]).numel())
+    per_sample = int(torch.Size(recon.shape[1:]).numel())
     x_per_sample = int(torch.Size(x.shape[1:]).numel())
     if per_sample != x_per_sample:
         raise ValueError(

@@ -54,6 +54,9 @@ if _extension.extension_loaded():
         *_, reduction, grad_mask = inputs
         grads = output[1:]
         ctx.mark_non_differentiable(*grads)
+        # Nothing flows back into the gradient outputs; without this autograd would allocate and
+        # zero-fill a gradient for each of them on every backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(*grads)
         ctx.reduction = reduction
         ctx.grad_mask = tuple(grad_mask)

@@ -16,6 +16,7 @@ template <typename S> inline Vec<S> exp_(const Vec<S>& v) { return v.exp(); }
 template <typename S> inline Vec<S> expm1_(const Vec<S>& v) { return v.expm1(); }
 template <typename S> inline Vec<S> log_(const Vec<S>& v) { return v.log(); }
 template <typename S> inline Vec<S> log1p_(const Vec<S>& v) { return v.log1p(); }
+template <typename S> inline Vec<S> log1p_unit_(const Vec<S>& v) { return v.log1p(); }
 template <typename S> inline Vec<S> sqrt_(const Vec<S>& v) { return v.sqrt(); }
 template <typename S> inline Vec<S> sin_(const Vec<S>& v) { return v.sin(); }
 template <typename S> inline Vec<S> cos_(const Vec<S>& v) { return v.cos(); }
@@ -32,5 +33,9 @@ inline Vec<S> select_nonneg(const Vec<S>& cond, const Vec<S>& if_nonneg, const V
 }  // namespace VAE_FAST_ISA
 }  // namespace math
 }  // namespace vae_fast
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include "avx2_math.h"  // float32 overloads that replace the Sleef calls above
+#endif
 
 #include "../vae_math.h"

@@ -1,0 +1,111 @@
+// Inline AVX2 float32 exp, log and log1p for the loss kernels' hot loop. at::vec's versions call
+// out to Sleef (a function call plus special-case handling per vector), which made them most of
+// the kernel's time; these are the Cephes polynomials (Moshier), ~1 ulp in the range that matters,
+// with the special values the loss relies on: log(0) = -inf, NaN in -> NaN out, denormals handled,
+// exp underflowing gradually to 0.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+
+namespace vae_fast {
+namespace math {
+inline namespace VAE_FAST_ISA {
+
+namespace avx2_detail {
+
+inline __m256 poly(__m256 x, std::initializer_list<float> coefficients) {
+  auto it = coefficients.begin();
+  __m256 y = _mm256_set1_ps(*it++);
+  for (; it != coefficients.end(); ++it) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(*it));
+  return y;
+}
+
+// 2^n for integer-valued float n in [-252, 128], as the product of two normal powers of two so
+// that results below FLT_MIN come out denormal instead of wrapping.
+inline __m256 scale_by_pow2(__m256 y, __m256 n) {
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i rest = _mm256_sub_epi32(ni, half);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
+}
+
+inline __m256 exp(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.72283935546875f);  // above: +inf
+  const __m256 lo = _mm256_set1_ps(-103.97208f);          // below: 0
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 p = poly(r, {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                            1.6666665459e-1f, 5.0000001201e-1f});
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  __m256 result = scale_by_pow2(y, n);
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+  result = _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
+  return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+inline __m256 log(__m256 x) {
+  // Denormals are scaled into the normal range first (their log is above the loss's -100 clamp).
+  const __m256 is_denormal = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m256 xs = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), is_denormal);
+  const __m256 e_adjust = _mm256_and_ps(is_denormal, _mm256_set1_ps(-23.0f));
+  const __m256i bits = _mm256_castps_si256(xs);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  e = _mm256_add_ps(e, e_adjust);
+  // mantissa m in [0.5, 1)
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = poly(m, {7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f,
+                      1.4249322787e-1f, -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f,
+                      3.3333331174e-1f});
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  __m256 result = _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(e, _mm256_set1_ps(0.693359375f)));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  result = _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  // negative or NaN input: NaN
+  return _mm256_blendv_ps(result, _mm256_set1_ps(NAN), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NGE_UQ));
+}
+
+// log1p(v) = log(u) + (v - (u - 1)) / u with u = 1 + v rounded: the correction restores the digits
+// of v that the rounding of 1 + v dropped (Goldberg's trick).
+inline __m256 log1p(__m256 v) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 u = _mm256_add_ps(one, v);
+  __m256 correction = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_sub_ps(u, one)), _mm256_div_ps(one, u));
+  // u = 0 or inf make the correction NaN; the logarithm alone is then exact (-inf, inf).
+  correction = _mm256_blendv_ps(correction, _mm256_setzero_ps(), _mm256_cmp_ps(correction, correction, _CMP_UNORD_Q));
+  return _mm256_add_ps(log(u), correction);
+}
+
+// log1p(e) for e in [0, 1] (the softplus tail log1p(exp(-|r|))): with s = e / (2 + e) in [0, 1/3],
+// log1p(e) = 2 atanh(s) = 2 s (1 + s^2/3 + s^4/5 + ...); seven terms leave < 2e-8 relative error,
+// accurate down to e -> 0 and far cheaper than a general logarithm.
+inline __m256 log1p_unit(__m256 e) {
+  const __m256 s = _mm256_div_ps(e, _mm256_add_ps(_mm256_set1_ps(2.0f), e));
+  const __m256 w = _mm256_mul_ps(s, s);
+  const __m256 series = poly(w, {1.0f / 13, 1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f});
+  return _mm256_mul_ps(_mm256_add_ps(s, s), series);
+}
+
+}  // namespace avx2_detail
+
+inline Vec<float> exp_(const Vec<float>& v) { return Vec<float>(avx2_detail::exp(v)); }
+inline Vec<float> log_(const Vec<float>& v) { return Vec<float>(avx2_detail::log(v)); }
+inline Vec<float> log1p_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1p(v)); }
+inline Vec<float> log1p_unit_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1p_unit(v)); }
+
+}  // namespace VAE_FAST_ISA
+}  // namespace math
+}  // namespace vae_fast
