@@ -1,0 +1,213 @@
+// vae_fast::vae_loss on CUDA. One warp per (row, chunk of features) reads recon and x once with
+// 16-byte loads, writes the gradients in the same pass, and leaves one partial sum; the warp on a
+// row's first chunk adds beta * KL of that row. A second kernel combines the partials in a fixed
+// order: no float atomics, so loss and gradients are bitwise reproducible.
+//
+// Inputs outside the Bernoulli domain (probabilities or targets outside [0, 1]) are not checked
+// here, since a check would need a device-to-host sync: they make that sample's loss NaN instead.
+#include "../vae_loss_common.h"
+#include "../vae_math.h"
+#include "cuda_utils.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace vae_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+constexpr int64_t kChunk = 2048;  // features per warp item; a multiple of every pack width
+
+template <typename scalar_t>
+struct LossArgs {
+  const scalar_t* recon;
+  const scalar_t* target;
+  const scalar_t* mu;
+  const scalar_t* logvar;
+  scalar_t* grad_recon;  // null when not wanted, likewise below
+  scalar_t* grad_target;
+  scalar_t* grad_mu;
+  scalar_t* grad_logvar;
+  int64_t batch, features, latents, chunks_per_row;
+  double beta, grad_scale;
+};
+
+template <bool kLogits, typename acc_t>
+__device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
+  math::BceTerm<acc_t> t = kLogits ? math::bce_from_logits(r, x) : math::bce_from_probs(r, x);
+  const bool in_domain = (x >= acc_t(0) && x <= acc_t(1)) && (kLogits || (r >= acc_t(0) && r <= acc_t(1)));
+  if (!in_domain) t.loss = acc_t(NAN);
+  return t;
+}
+
+template <typename scalar_t, bool kLogits, int kVec>
+__global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<scalar_t> a, at::opmath_type<scalar_t>* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (item >= a.batch * a.chunks_per_row) return;
+  const int64_t row = item / a.chunks_per_row;
+  const int64_t chunk = item % a.chunks_per_row;
+  const int64_t base = row * a.features;
+  const int64_t begin = base + chunk * kChunk;
+  const int64_t end = base + min(a.features, (chunk + 1) * kChunk);
+  const acc_t scale = static_cast<acc_t>(a.grad_scale);
+
+  acc_t sum(0);
+  // kVec > 1 only when every pointer is pack-aligned and features % kVec == 0 (checked on the host).
+#pragma unroll 4
+  for (int64_t i = begin + lane * kVec; i < end; i += kWarp * kVec) {
+    const Pack<scalar_t, kVec> r = load_pack<scalar_t, kVec>(a.recon + i);
+    const Pack<scalar_t, kVec> x = load_pack<scalar_t, kVec>(a.target + i);
+    Pack<scalar_t, kVec> gr, gx;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const math::BceTerm<acc_t> t = bce_checked<kLogits>(static_cast<acc_t>(r.v[k]), static_cast<acc_t>(x.v[k]));
+      sum += t.loss;
+      gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
+      gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
+    }
+    if (a.grad_recon) store_pack(a.grad_recon + i, gr);
+    if (a.grad_target) store_pack(a.grad_target + i, gx);
+  }
+  sum = warp_sum(sum);
+
+  if (chunk == 0) {
+    const acc_t kl_scale = static_cast<acc_t>(a.beta * a.grad_scale);
+    acc_t kl(0);
+    for (int64_t j = row * a.latents + lane; j < (row + 1) * a.latents; j += kWarp) {
+      const math::KlTerm<acc_t> t = math::kl_standard_normal(static_cast<acc_t>(a.mu[j]), static_cast<acc_t>(a.logvar[j]));
+      kl += t.kl;
+      if (a.grad_mu) a.grad_mu[j] = static_cast<scalar_t>(t.d_mu * kl_scale);
+      if (a.grad_logvar) a.grad_logvar[j] = static_cast<scalar_t>(t.d_logvar * kl_scale);
+    }
+    sum += static_cast<acc_t>(a.beta) * warp_sum(kl);
+  }
+  if (lane == 0) partial[item] = sum;
+}
+
+// reduction "none": one thread per row sums its chunks in order.
+template <typename acc_t>
+__global__ void row_losses_kernel(const acc_t* partial, int64_t batch, int64_t chunks_per_row, acc_t* out) {
+  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; row < batch;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t total(0);
+    for (int64_t c = 0; c < chunks_per_row; ++c) total += partial[row * chunks_per_row + c];
+    out[row] = total;
+  }
+}
+
+constexpr int kReduceThreads = 1024;
+
+// reduction "sum"/"mean": a single block; each thread sums a fixed stride of partials, then a
+// fixed tree combines the threads.
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceThreads) total_loss_kernel(const acc_t* partial, int64_t count, double divisor, acc_t* out) {
+  __shared__ acc_t shared[kReduceThreads];
+  acc_t total(0);
+  for (int64_t i = threadIdx.x; i < count; i += kReduceThreads) total += partial[i];
+  shared[threadIdx.x] = total;
+  __syncthreads();
+  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = static_cast<acc_t>(shared[0] / divisor);
+}
+
+template <typename scalar_t, bool kLogits, int kVec>
+void launch_partials(const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
+  const int64_t items = args.batch * args.chunks_per_row;
+  const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  vae_loss_partials_kernel<scalar_t, kLogits, kVec><<<blocks, kThreads, 0, stream>>>(args, partial);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_loss(const LossArgs<scalar_t>& args, bool logits, bool vectorized, Reduction reduction,
+                 at::Tensor& partial, at::Tensor& loss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
+  if (args.batch > 0) {
+    if (logits) {
+      vectorized ? launch_partials<scalar_t, true, kPack>(args, partial_ptr, stream)
+                 : launch_partials<scalar_t, true, 1>(args, partial_ptr, stream);
+    } else {
+      vectorized ? launch_partials<scalar_t, false, kPack>(args, partial_ptr, stream)
+                 : launch_partials<scalar_t, false, 1>(args, partial_ptr, stream);
+    }
+  }
+  if (reduction == Reduction::none) {
+    if (args.batch == 0) return;
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((args.batch + threads - 1) / threads, 65535);
+    row_losses_kernel<acc_t><<<blocks, threads, 0, stream>>>(partial_ptr, args.batch, args.chunks_per_row,
+                                                                loss.mutable_data_ptr<acc_t>());
+  } else {
+    const double divisor = reduction == Reduction::mean ? static_cast<double>(args.batch) : 1.0;
+    total_loss_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(partial_ptr, partial.numel(), divisor,
+                                                               loss.mutable_data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
+    const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+    bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
+  const Reduction red = parse_reduction(reduction);
+  const LossShape shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
+  const c10::cuda::CUDAGuard device_guard(recon.device());
+  const at::Tensor r_c = recon.contiguous(), x_c = x.contiguous(), mu_c = mu.contiguous(),
+                   lv_c = logvar.contiguous();
+  at::Tensor grad_r = maybe_grad_like(recon, grad_mask[0]);
+  at::Tensor grad_x = maybe_grad_like(x, grad_mask[1]);
+  at::Tensor grad_mu = maybe_grad_like(mu, grad_mask[2]);
+  at::Tensor grad_lv = maybe_grad_like(logvar, grad_mask[3]);
+
+  const int64_t chunks_per_row = std::max<int64_t>(1, (shape.features + kChunk - 1) / kChunk);
+  const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
+  at::Tensor partial = at::empty({shape.batch * chunks_per_row}, recon.options().dtype(acc_dtype));
+  at::Tensor loss = red == Reduction::none ? at::empty({shape.batch}, recon.options().dtype(acc_dtype))
+                                           : at::empty({}, recon.options().dtype(acc_dtype));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_fast::vae_loss (CUDA)", [&] {
+    LossArgs<scalar_t> args;
+    args.recon = r_c.const_data_ptr<scalar_t>();
+    args.target = x_c.const_data_ptr<scalar_t>();
+    args.mu = mu_c.const_data_ptr<scalar_t>();
+    args.logvar = lv_c.const_data_ptr<scalar_t>();
+    args.grad_recon = grad_mask[0] ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
+    args.grad_target = grad_mask[1] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    args.grad_mu = grad_mask[2] ? grad_mu.mutable_data_ptr<scalar_t>() : nullptr;
+    args.grad_logvar = grad_mask[3] ? grad_lv.mutable_data_ptr<scalar_t>() : nullptr;
+    args.batch = shape.batch;
+    args.features = shape.features;
+    args.latents = shape.latents;
+    args.chunks_per_row = chunks_per_row;
+    args.beta = beta;
+    args.grad_scale = (red == Reduction::mean && shape.batch > 0) ? 1.0 / static_cast<double>(shape.batch) : 1.0;
+    constexpr int64_t kPackBytes = 16;
+    const bool vectorized = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0 &&
+                            aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
+                            (!args.grad_recon || aligned_to(args.grad_recon, kPackBytes)) &&
+                            (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
+    launch_loss<scalar_t>(args, logits, vectorized, red, partial, loss);
+  });
+  return {loss, grad_r, grad_x, grad_mu, grad_lv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) {
+  m.impl("vae_loss", &vae_loss_cuda);
+}
+
+}  // namespace cuda
+}  // namespace vae_fast
