@@ -39,8 +39,7 @@ def has_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vae_fast::{op}", key)
 
 
-def reason_for_reference(device_type: str) -> str | None:
-    """None when the extension serves this device type, else why the reference does."""
+def _find_reason_for_reference(device_type: str) -> str | None:
     if _C is None:
         return f"the compiled extension did not load ({LOAD_ERROR})"
     if device_type == "cuda" and not cuda_kernels_compiled():
@@ -50,12 +49,21 @@ def reason_for_reference(device_type: str) -> str | None:
     return None
 
 
+# Decided once at import: torch.compile traces `serves` as a plain dict lookup.
+_REASONS = {device_type: _find_reason_for_reference(device_type) for device_type in ("cpu", "cuda")}
+
+
+def reason_for_reference(device_type: str) -> str | None:
+    """None when the extension serves this device type, else why the reference does."""
+    return _REASONS.get(device_type, f"vae_fast has no kernels for device type '{device_type}'")
+
+
 def serves(device: torch.device) -> bool:
     """True when the compiled kernels serve tensors on `device`; warns once per device type if not."""
     reason = reason_for_reference(device.type)
     if reason is None:
         return True
-    if device.type not in _warned:
+    if device.type not in _warned and not torch.compiler.is_compiling():
         _warned.add(device.type)
         warnings.warn(
             f"vae_fast: using the pure-torch reference on {device.type} because {reason}; "

@@ -62,9 +62,11 @@ if _extension.extension_loaded():
         ctx.grad_mask = tuple(grad_mask)
 
     def _grad_output_is_one(grad_loss: torch.Tensor) -> bool:
-        # Reading the value is free on the CPU only; under torch.compile the multiply is fused anyway.
+        # Reading the value is free on the CPU only. While tracing (torch.compile, opcheck) grad_loss
+        # is a fake tensor with no value; the multiply is then kept and fused by the compiler.
         return (
-            not torch.compiler.is_compiling()
+            type(grad_loss) is torch.Tensor
+            and not torch.compiler.is_compiling()
             and grad_loss.device.type == "cpu"
             and grad_loss.numel() == 1
             and grad_loss.item() == 1.0
@@ -76,6 +78,8 @@ if _extension.extension_loaded():
                 "vae_fast.vae_loss supports first-order gradients only (backward with create_graph=True "
                 "would give wrong second derivatives); use vae_fast.reference.vae_loss for those"
             )
+        if grad_loss is None:  # the loss itself took no part in what is being differentiated
+            return (None,) * 8
         result = []
         for index, grad in enumerate(ctx.saved_tensors):
             if not ctx.needs_input_grad[index]:

@@ -1,0 +1,31 @@
+"""Shared helpers of the test suite: devices to run on and per-dtype tolerances."""
+
+import pytest
+import torch
+
+import vae_fast
+from vae_fast import _extension
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Norm-wise relative error allowed against a float64 reference, per input dtype.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    scale = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+@pytest.fixture(autouse=True)
+def _require_extension():
+    # The suite tests the compiled kernels; a silent fallback to the reference would make every
+    # parity test compare the reference with itself.
+    assert _extension.extension_loaded(), f"vae_fast extension not loaded: {_extension.LOAD_ERROR}"
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+__all__ = ["DEVICES", "TOLERANCE", "relative_error", "requires_cuda", "vae_fast"]

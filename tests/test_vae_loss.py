@@ -1,0 +1,346 @@
+"""vae_fast.vae_loss: parity with the float64 reference, gradients, opcheck, torch.compile,
+determinism, edge cases and bad input (CPU; the CUDA variants live in test_cuda.py)."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae_fast
+from vae_fast import reference
+from conftest import TOLERANCE, relative_error
+
+SIZES = [(1, 1, 1), (7, 33, 5), (33, 257, 20), (257, 1000, 64), (1000, 7, 3), (2, 5000, 2)]
+REDUCTIONS = ["sum", "mean", "none"]
+
+
+def sample_inputs(batch, features, latents, *, logits, dtype=torch.float32, device="cpu", seed=0, x_shape=None):
+    """recon, x, mu, logvar for one case: logits ~ N(0, 3^2) or probabilities in (0, 1), binary-ish targets."""
+    g = torch.Generator().manual_seed(seed)
+    if logits:
+        recon = torch.randn(batch, features, generator=g, dtype=torch.float64) * 3
+    else:
+        recon = torch.rand(batch, features, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    x = torch.rand(batch, features, generator=g, dtype=torch.float64)
+    x = torch.where(x > 0.7, x.round(), x)  # a mix of exact 0/1 and fractional targets
+    if x_shape is not None:
+        x = x.reshape(x_shape)
+    mu = torch.randn(batch, latents, generator=g, dtype=torch.float64)
+    logvar = torch.randn(batch, latents, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (recon, x, mu, logvar)]
+
+
+def loss_and_grads(fn, inputs, grad_output=None, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    loss = fn(*leaves, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def assert_parity(inputs, dtype, grad_output=None, **kwargs):
+    loss, grads = loss_and_grads(vae_fast.vae_loss, inputs, grad_output, **kwargs)
+    ref_inputs = [t.double() for t in inputs]
+    ref_go = None if grad_output is None else grad_output.double()
+    ref_loss, ref_grads = loss_and_grads(reference.vae_loss, ref_inputs, ref_go, **kwargs)
+    tol = TOLERANCE[dtype]
+    assert relative_error(loss, ref_loss) <= tol
+    for name, g, rg in zip(("recon", "x", "mu", "logvar"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert relative_error(g, rg) <= tol, name
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("logits", [False, True], ids=["probs", "logits"])
+def test_float32_matches_float64_reference(size, reduction, logits):
+    inputs = sample_inputs(*size, logits=logits)
+    assert_parity(inputs, torch.float32, logits=logits, reduction=reduction, beta=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_other_dtypes_match_reference(dtype, logits, reduction):
+    inputs = sample_inputs(65, 300, 20, logits=logits, dtype=dtype)
+    loss = vae_fast.vae_loss(*inputs, logits=logits, reduction=reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_parity(inputs, dtype, logits=logits, reduction=reduction, beta=2.5)
+
+
+def test_large_batch_matches_reference():
+    inputs = sample_inputs(4096, 784, 20, logits=True, seed=3)
+    assert_parity(inputs, torch.float32, logits=True)
+    inputs = sample_inputs(4096, 784, 20, logits=False, seed=4)
+    assert_parity(inputs, torch.float32, logits=False)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_output_scales_gradients(reduction):
+    inputs = sample_inputs(9, 40, 4, logits=True)
+    shape = (9,) if reduction == "none" else ()
+    grad_output = torch.randn(shape, dtype=torch.float32)
+    assert_parity(inputs, torch.float32, grad_output=grad_output, logits=True, reduction=reduction)
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(logits, reduction):
+    inputs = sample_inputs(3, 11, 4, logits=logits, dtype=torch.float64)
+    inputs[1] = inputs[1].clamp(0.05, 0.95)  # finite differences must stay inside [0, 1]
+    inputs = [t.requires_grad_() for t in inputs]
+    fn = lambda r, x, mu, lv: vae_fast.vae_loss(r, x, mu, lv, logits=logits, reduction=reduction, beta=0.6)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_opcheck():
+    for logits, reduction, mask in itertools.product([False, True], REDUCTIONS, [(True, False, True, True), (False,) * 4, (True,) * 4]):
+        inputs = sample_inputs(5, 12, 3, logits=logits)
+        inputs = [t.requires_grad_(m) for t, m in zip(inputs, mask)]
+        torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, logits, 0.5, reduction, list(mask)))
+
+
+def test_x_may_have_another_shape_than_recon():
+    recon, x, mu, logvar = sample_inputs(6, 784, 20, logits=False)
+    images = x.reshape(6, 1, 28, 28).requires_grad_()
+    loss = vae_fast.vae_loss(recon, images, mu, logvar)
+    loss.backward()
+    expected = reference.vae_loss(recon.double(), x.double(), mu.double(), logvar.double())
+    assert relative_error(loss, expected) <= 1e-5
+    assert images.grad.shape == (6, 1, 28, 28)
+
+
+def test_loss_function_is_the_examples_loss():
+    recon, x, mu, logvar = sample_inputs(8, 784, 20, logits=False)
+    images = x.reshape(8, 1, 28, 28)
+    expected = F.binary_cross_entropy(recon, images.view(-1, 784), reduction="sum") - 0.5 * torch.sum(
+        1 + logvar - mu.pow(2) - logvar.exp()
+    )
+    assert relative_error(vae_fast.loss_function(recon, images, mu, logvar), expected) <= 1e-5
+
+
+def test_no_grad_gives_the_same_loss():
+    inputs = sample_inputs(33, 100, 8, logits=True)
+    with torch.no_grad():
+        a = vae_fast.vae_loss(*inputs, logits=True)
+    b = vae_fast.vae_loss(*[t.requires_grad_() for t in inputs], logits=True)
+    assert torch.equal(a, b.detach())
+
+
+def test_same_bits_on_every_run_and_thread_count():
+    inputs = sample_inputs(512, 3000, 32, logits=True, seed=7)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads, threads, 2):
+            torch.set_num_threads(n)
+            results.append(loss_and_grads(vae_fast.vae_loss, inputs, logits=True))
+    finally:
+        torch.set_num_threads(threads)
+    first_loss, first_grads = results[0]
+    for loss, grads in results[1:]:
+        assert torch.equal(loss, first_loss)
+        assert all(torch.equal(a, b) for a, b in zip(grads, first_grads))
+
+
+def test_non_contiguous_inputs():
+    recon, x, mu, logvar = sample_inputs(40, 30, 6, logits=True)
+    args = [recon.t().contiguous().t(), x[:, ::1].t().contiguous().t(), mu.t().contiguous().t(), logvar]
+    assert not args[0].is_contiguous()
+    assert_parity(args, torch.float32, logits=True, reduction="none")
+    strided = sample_inputs(40, 60, 6, logits=False)
+    strided = [strided[0][:, ::2], strided[1][:, ::2], strided[2], strided[3]]
+    assert_parity(strided, torch.float32, logits=False)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_batch(reduction):
+    inputs = [t.requires_grad_() for t in sample_inputs(0, 10, 3, logits=True)]
+    loss = vae_fast.vae_loss(*inputs, logits=True, reduction=reduction)
+    if reduction == "sum":
+        assert loss.item() == 0.0
+    elif reduction == "mean":
+        assert torch.isnan(loss)  # the mean of nothing, as torch.mean
+    else:
+        assert loss.shape == (0,)
+    loss.sum().backward()
+    assert inputs[0].grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["probs", "logits"])
+@pytest.mark.parametrize("where", ["recon", "x", "mu", "logvar"])
+def test_nan_propagates(logits, where):
+    inputs = sample_inputs(4, 16, 3, logits=logits)
+    index = ["recon", "x", "mu", "logvar"].index(where)
+    inputs[index][2, 1] = float("nan")
+    loss = vae_fast.vae_loss(*inputs, logits=logits, reduction="none")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    assert torch.isnan(vae_fast.vae_loss(*inputs, logits=logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_huge_logvar_gives_inf_not_nan(dtype):
+    recon, x, mu, logvar = sample_inputs(3, 8, 2, logits=True, dtype=dtype)
+    logvar[1, 0] = 1e4 if dtype != torch.float16 else 6e4
+    loss = vae_fast.vae_loss(recon, x, mu, logvar, logits=True, reduction="none")
+    assert loss[1] == float("inf") and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_saturated_logits_are_exact():
+    # |r| up to 100: the naive sigmoid(r) - x gradient loses all digits here in float32.
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(64, 500, generator=g).sign() * torch.empty(64, 500).uniform_(10, 100, generator=g)
+    for x in ((r > 0).float(), (r < 0).float()):
+        inputs = [r, x, torch.zeros(64, 2), torch.zeros(64, 2)]
+        assert_parity(inputs, torch.float32, logits=True, reduction="none")
+
+
+def test_probabilities_at_the_clamp_match_torch():
+    p = torch.tensor([[0.0, 1.0, 1e-30, 1 - 1e-7, 0.5]])
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.5]])
+    zero = torch.zeros(1, 1)
+    expected = F.binary_cross_entropy(p, x, reduction="sum")
+    assert relative_error(vae_fast.vae_loss(p, x, zero, zero), expected) <= 1e-6
+    p_leaf = p.clone().requires_grad_()
+    vae_fast.vae_loss(p_leaf, x, zero, zero).backward()
+    p_ref = p.clone().requires_grad_()
+    F.binary_cross_entropy(p_ref, x, reduction="sum").backward()
+    assert relative_error(p_leaf.grad, p_ref.grad) <= 1e-6
+
+
+def test_autocast_keeps_the_loss_in_float32():
+    recon, x, mu, logvar = sample_inputs(16, 64, 4, logits=False)
+    layer = torch.nn.Linear(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = torch.sigmoid(layer(recon))  # bf16 under autocast
+        loss = vae_fast.vae_loss(probs, x, mu, logvar)
+    assert probs.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_beta_weights_the_kl_term():
+    recon, x, mu, logvar = sample_inputs(5, 20, 3, logits=True)
+    zero_beta = vae_fast.vae_loss(recon, x, mu, logvar, logits=True, beta=0.0)
+    rec = reference.reconstruction_loss(recon, x, logits=True).sum()
+    kl = reference.kl_divergence(mu, logvar).sum()
+    assert relative_error(zero_beta, rec) <= 1e-6
+    assert relative_error(vae_fast.vae_loss(recon, x, mu, logvar, logits=True, beta=4.0), rec + 4 * kl) <= 1e-6
+
+
+def test_double_backward_is_refused():
+    inputs = [t.requires_grad_() for t in sample_inputs(3, 5, 2, logits=True)]
+    loss = vae_fast.vae_loss(*inputs, logits=True)
+    with pytest.raises(RuntimeError, match="first-order"):
+        torch.autograd.grad(loss, inputs[0], create_graph=True)
+
+
+def test_torch_compile_fullgraph():
+    inputs = sample_inputs(32, 100, 8, logits=True)
+
+    def step(recon, x, mu, logvar):
+        return vae_fast.vae_loss(recon, x, mu, logvar, logits=True, beta=0.5, reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    expected_loss, expected_grads = loss_and_grads(step, inputs)
+    loss, grads = loss_and_grads(compiled, inputs)
+    assert torch.equal(loss, expected_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    with torch.no_grad():
+        assert torch.equal(compiled(*inputs), expected_loss)
+
+
+def test_torch_compile_inductor():
+    inputs = sample_inputs(16, 50, 4, logits=False)
+    compiled = torch.compile(lambda *a: vae_fast.vae_loss(*a) * 2.0, fullgraph=True)
+    loss, grads = loss_and_grads(compiled, inputs)
+    ref_loss, ref_grads = loss_and_grads(lambda *a: reference.vae_loss(*a) * 2.0, [t.double() for t in inputs])
+    assert relative_error(loss, ref_loss) <= 1e-5
+    assert all(relative_error(a, b) <= 1e-5 for a, b in zip(grads, ref_grads))
+
+
+def test_portable_cpu_path_matches_reference():
+    """The kernels built for CPUs without AVX2 (forced with VAE_FAST_CPU_ISA=generic)."""
+    script = (
+        "import torch, vae_fast, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_vae_loss import sample_inputs, assert_parity\n"
+        "assert vae_fast.backend_info()['extension']['cpu_isa'] == 'generic'\n"
+        "for logits in (False, True):\n"
+        "    for dtype in (torch.float32, torch.bfloat16):\n"
+        "        assert_parity(sample_inputs(33, 257, 20, logits=logits, dtype=dtype), dtype, logits=logits, reduction='none')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, VAE_FAST_CPU_ISA="generic")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+# ---- bad input: each error names the argument and the problem ----
+
+def _good():
+    return sample_inputs(4, 10, 3, logits=False)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :9]), ValueError, "recon has 10 elements per sample but x has 9"),
+        (lambda a: a.__setitem__(1, a[1][:3]), ValueError, "x must have batch size 4"),
+        (lambda a: a.__setitem__(2, a[2][:3]), ValueError, "mu must have batch size 4"),
+        (lambda a: a.__setitem__(3, a[3][:, :2]), ValueError, "mu and logvar must have the same shape"),
+        (lambda a: a.__setitem__(1, (a[1] > 0.5).long()), TypeError, "x must be a floating-point tensor"),
+        (lambda a: a.__setitem__(0, a[0].tolist()), TypeError, "recon must be a torch.Tensor"),
+        (lambda a: a.__setitem__(2, None), TypeError, "mu must be a torch.Tensor"),
+        (lambda a: a.__setitem__(0, torch.tensor(0.5)), ValueError, "recon must have a batch dimension"),
+        (lambda a: a[0].__setitem__((1, 1), 1.5), ValueError, "recon must hold probabilities in \\[0, 1\\]"),
+        (lambda a: a[0].__setitem__((1, 1), -0.1), ValueError, "recon must hold probabilities in \\[0, 1\\]"),
+        (lambda a: a[1].__setitem__((0, 0), 2.0), ValueError, "x \\(the target\\) must lie in \\[0, 1\\]"),
+    ],
+)
+def test_bad_tensors(mutate, error, match):
+    args = _good()
+    mutate(args)
+    with pytest.raises(error, match=match):
+        vae_fast.vae_loss(*args)
+
+
+def test_target_out_of_range_is_refused_with_logits_too():
+    args = sample_inputs(4, 10, 3, logits=True)
+    args[1][3, 3] = -1.0
+    with pytest.raises(ValueError, match="x \\(the target\\)"):
+        vae_fast.vae_loss(*args, logits=True)
+
+
+def test_bad_options():
+    args = _good()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        vae_fast.vae_loss(*args, reduction="avg")
+    with pytest.raises(ValueError, match="beta must be a non-negative number, got -1"):
+        vae_fast.vae_loss(*args, beta=-1.0)
+    with pytest.raises(ValueError, match="beta must be a non-negative number, got nan"):
+        vae_fast.vae_loss(*args, beta=float("nan"))
+    with pytest.raises(TypeError, match="beta must be a real number"):
+        vae_fast.vae_loss(*args, beta="1")
+
+
+def test_op_checks_its_arguments_too():
+    recon, x, mu, logvar = _good()
+    with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'none'"):
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, False, 1.0, "avg", [False] * 4)
+    with pytest.raises(TypeError, match="x has dtype"):
+        torch.ops.vae_fast.vae_loss(recon, x.double(), mu, logvar, False, 1.0, "sum", [False] * 4)
+    with pytest.raises(ValueError, match="beta must be a non-negative number"):
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, False, -2.0, "sum", [False] * 4)
+
+
+def test_mixed_dtypes_are_promoted():
+    recon, x, mu, logvar = _good()
+    loss = vae_fast.vae_loss(recon.bfloat16(), x, mu.bfloat16(), logvar.bfloat16())
+    expected = reference.vae_loss(recon.bfloat16().double(), x.double(), mu.bfloat16().double(), logvar.bfloat16().double())
+    assert relative_error(loss, expected) <= 1e-5
