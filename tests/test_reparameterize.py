@@ -1,0 +1,147 @@
+"""vae_fast.reparameterize: distribution of the in-kernel noise, reproducibility, gradients,
+opcheck, torch.compile, edge cases and bad input (CPU; CUDA variants in test_cuda.py)."""
+
+import math
+
+import pytest
+import torch
+
+import vae_fast
+from conftest import relative_error
+
+SIZES = [1, 7, 33, 257, 1000, 100_003]
+
+
+def standardized(mu, logvar, z):
+    return ((z.double() - mu.double()) / torch.exp(0.5 * logvar.double())).flatten()
+
+
+@pytest.mark.parametrize("numel", SIZES)
+def test_noise_is_standard_normal(numel):
+    mu = torch.randn(numel)
+    logvar = torch.randn(numel)
+    eps = standardized(mu, logvar, vae_fast.reparameterize(mu, logvar))
+    assert torch.isfinite(eps).all()
+    if numel >= 1000:
+        n = eps.numel()
+        # mean, variance, and the fraction beyond 1.96 (5%), each within ~5 standard errors
+        assert abs(eps.mean().item()) < 5 / math.sqrt(n)
+        assert abs(eps.var().item() - 1) < 5 * math.sqrt(2 / n)
+        tail = (eps.abs() > 1.959964).double().mean().item()
+        assert abs(tail - 0.05) < 5 * math.sqrt(0.05 * 0.95 / n)
+
+
+def test_noise_is_uncorrelated_across_neighbours():
+    eps = vae_fast.reparameterize(torch.zeros(400_000), torch.zeros(400_000)).double()
+    n = eps.numel()
+    # elements 4k..4k+3 share one Philox block; every pairing inside it must still be independent
+    for lag in (1, 2, 3, 4, 5):
+        corr = torch.corrcoef(torch.stack([eps[:-lag], eps[lag:]]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n), lag
+
+
+def test_manual_seed_and_generator_reproduce():
+    mu, logvar = torch.randn(64, 20), torch.randn(64, 20)
+    torch.manual_seed(123)
+    a = vae_fast.reparameterize(mu, logvar)
+    b = vae_fast.reparameterize(mu, logvar)
+    torch.manual_seed(123)
+    assert torch.equal(vae_fast.reparameterize(mu, logvar), a)
+    assert not torch.equal(a, b)  # successive draws differ
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(vae_fast.reparameterize(mu, logvar, generator=g1), vae_fast.reparameterize(mu, logvar, generator=g2))
+    assert not torch.equal(vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(6)),
+                           vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5)))
+
+
+def test_same_draw_on_any_thread_count():
+    mu, logvar = torch.randn(1000, 64), torch.randn(1000, 64)
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for n in (1, 2, threads):
+            torch.set_num_threads(n)
+            draws.append(vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(9)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(d, draws[0]) for d in draws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_gradients(dtype):
+    mu = torch.randn(33, 7, dtype=dtype, requires_grad=True)
+    logvar = torch.randn(33, 7, dtype=dtype, requires_grad=True)
+    z = vae_fast.reparameterize(mu, logvar)
+    assert z.dtype == dtype and z.shape == mu.shape
+    grad = torch.randn_like(z)
+    z.backward(grad)
+    assert torch.equal(mu.grad, grad)
+    expected = 0.5 * grad.double() * (z.double() - mu.double())
+    assert relative_error(logvar.grad, expected) <= (1e-6 if dtype in (torch.float32, torch.float64) else 1e-2)
+
+
+def test_gradcheck_float64():
+    mu = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    # a fresh generator with one seed per call makes the op a deterministic function for gradcheck
+    fn = lambda m, l: vae_fast.reparameterize(m, l, generator=torch.Generator().manual_seed(0))
+    assert torch.autograd.gradcheck(fn, (mu, logvar))
+
+
+def test_opcheck():
+    # logvar = -inf gives z = mu exactly, so the repeated runs inside opcheck agree
+    for requires_grad in (False, True):
+        mu = torch.randn(6, 5, requires_grad=requires_grad)
+        logvar = torch.full((6, 5), -float("inf"), requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.vae_fast.reparameterize.default, (mu, logvar, None))
+    args = (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3))
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_backward.default, args)
+
+
+def test_torch_compile_fullgraph():
+    mu = torch.randn(16, 8, requires_grad=True)
+    logvar = torch.randn(16, 8, requires_grad=True)
+
+    def sample_and_reduce(m, l):
+        return (vae_fast.reparameterize(m, l) ** 2).sum()
+
+    compiled = torch.compile(sample_and_reduce, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    expected = sample_and_reduce(mu, logvar)
+    torch.manual_seed(0)
+    got = compiled(mu, logvar)
+    assert torch.equal(got, expected)
+    got.backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()
+
+
+def test_non_contiguous_inputs():
+    mu = torch.randn(20, 10).t()
+    logvar = torch.randn(20, 10).t()
+    z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(1))
+    z_contig = vae_fast.reparameterize(mu.contiguous(), logvar.contiguous(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(z, z_contig)
+
+
+def test_edge_values():
+    assert vae_fast.reparameterize(torch.empty(0, 20), torch.empty(0, 20)).shape == (0, 20)
+    mu = torch.zeros(8)
+    logvar = torch.zeros(8)
+    logvar[0] = 1e4  # std overflows: z is +-inf, never NaN
+    mu[1] = float("nan")
+    logvar[2] = -float("inf")  # zero variance: z == mu exactly
+    mu[2] = 3.0
+    z = vae_fast.reparameterize(mu, logvar)
+    assert torch.isinf(z[0]) and torch.isnan(z[1]) and z[2] == 3.0 and torch.isfinite(z[3:]).all()
+
+
+def test_bad_input():
+    mu = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="mu and logvar must have the same shape"):
+        vae_fast.reparameterize(mu, torch.randn(4, 2))
+    with pytest.raises(TypeError, match="logvar must be a floating-point tensor"):
+        vae_fast.reparameterize(mu, torch.zeros(4, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="mu must be a torch.Tensor"):
+        vae_fast.reparameterize([0.0], torch.zeros(1))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        vae_fast.reparameterize(mu, mu, generator=7)
