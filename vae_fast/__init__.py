@@ -8,7 +8,8 @@
 from . import reference
 from ._info import backend_info
 from .functional import loss_function, reparameterize, vae_loss
+from .model import VAE
 
 __version__ = "0.1.0"
 
-__all__ = ["reparameterize", "vae_loss", "loss_function", "reference", "backend_info", "__version__"]
+__all__ = ["VAE", "reparameterize", "vae_loss", "loss_function", "reference", "backend_info", "__version__"]

@@ -1,0 +1,214 @@
+"""vae_fast.VAE: the drop-in contract with the PyTorch examples' VAE, its own paths (logits, mean
+reconstruction, prior samples, several hidden layers), torch.compile, autocast, state_dict, CUDA,
+and bad arguments."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import vae_fast
+from vae_fast import VAE, loss_function
+from vae_fast.baselines import ExampleVAE, example_loss_function
+
+
+def _mnist_like(n: int, seed: int = 0) -> torch.Tensor:
+    """[n, 1, 28, 28] images in [0, 1] with some structure (a bright blob per image)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    centres = torch.rand(n, 2, generator=g) * 14 + 7
+    d2 = (ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2
+    return torch.exp(-d2 / 20).unsqueeze(1)
+
+
+def _from_example(example: ExampleVAE, **kwargs) -> VAE:
+    """A VAE holding the example's weights (its two heads stacked into one)."""
+    model = VAE(**kwargs)
+    with torch.no_grad():
+        model.encoder[0].weight.copy_(example.fc1.weight)
+        model.encoder[0].bias.copy_(example.fc1.bias)
+        model.encoder_heads.weight.copy_(torch.cat([example.fc21.weight, example.fc22.weight]))
+        model.encoder_heads.bias.copy_(torch.cat([example.fc21.bias, example.fc22.bias]))
+        model.decoder[0].weight.copy_(example.fc3.weight)
+        model.decoder[0].bias.copy_(example.fc3.bias)
+        model.decoder[2].weight.copy_(example.fc4.weight)
+        model.decoder[2].bias.copy_(example.fc4.bias)
+    return model
+
+
+def test_default_is_the_examples_architecture():
+    model, example = VAE(), ExampleVAE()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in example.parameters())
+    assert (model.input_dim, model.hidden_dims, model.latent_dim) == (784, (400,), 20)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_same_weights_same_outputs_as_the_example(fused):
+    torch.manual_seed(0)
+    example = ExampleVAE()
+    model = _from_example(example, fused=fused)
+    x = _mnist_like(16)
+    torch.manual_seed(1)
+    recon_ex, mu_ex, logvar_ex = example(x)
+    torch.manual_seed(1)
+    recon, mu, logvar = model(x)
+    torch.testing.assert_close(mu, mu_ex)
+    torch.testing.assert_close(logvar, logvar_ex)
+    if not fused:  # the reference draws eps exactly as the example does; the kernel draws its own
+        torch.testing.assert_close(recon, recon_ex)
+    torch.testing.assert_close(model.reconstruct(x), example.decode(mu_ex))
+    torch.testing.assert_close(loss_function(recon, x, mu, logvar), example_loss_function(recon, x, mu, logvar), rtol=1e-5, atol=1e-3)
+
+
+def test_examples_training_loop_runs_unchanged():
+    """The train/test functions of pytorch/examples vae/main.py, verbatim but for the data."""
+    torch.manual_seed(0)
+    images = _mnist_like(256)
+    train_loader = DataLoader(TensorDataset(images, torch.zeros(256)), batch_size=64, shuffle=True)
+    test_loader = DataLoader(TensorDataset(images[:64], torch.zeros(64)), batch_size=32)
+    device = torch.device("cpu")
+    model = VAE().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def train(epoch):
+        model.train()
+        train_loss = 0
+        for batch_idx, (data, _) in enumerate(train_loader):
+            data = data.to(device)
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = model(data)
+            loss = loss_function(recon_batch, data, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+        return train_loss / len(train_loader.dataset)
+
+    def test(epoch):
+        model.eval()
+        test_loss = 0
+        with torch.no_grad():
+            for i, (data, _) in enumerate(test_loader):
+                data = data.to(device)
+                recon_batch, mu, logvar = model(data)
+                test_loss += loss_function(recon_batch, data, mu, logvar).item()
+                if i == 0:
+                    n = min(data.size(0), 8)
+                    comparison = torch.cat([data[:n], recon_batch.view(32, 1, 28, 28)[:n]])
+                    assert comparison.shape == (16, 1, 28, 28)
+        return test_loss / len(test_loader.dataset)
+
+    losses = []
+    for epoch in range(1, 4):
+        losses.append(train(epoch))
+        test(epoch)
+        with torch.no_grad():
+            sample = torch.randn(64, 20).to(device)
+            sample = model.decode(sample).cpu()
+            assert sample.view(64, 1, 28, 28).shape == (64, 1, 28, 28)
+    assert losses[-1] < losses[0] * 0.9
+
+
+def test_logits_path_computes_the_same_loss():
+    torch.manual_seed(0)
+    model, x = VAE(), _mnist_like(8)
+    torch.manual_seed(2)
+    recon, mu, logvar = model(x)
+    probs_loss = loss_function(recon, x, mu, logvar)
+    torch.manual_seed(2)
+    logits, mu2, logvar2 = model.forward_logits(x)
+    logits_loss = vae_fast.vae_loss(logits, x, mu2, logvar2, logits=True)
+    torch.testing.assert_close(logits_loss, probs_loss, rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(torch.sigmoid(logits), recon)
+
+
+def test_eval_mode_samples_but_reconstruct_is_deterministic():
+    model, x = VAE().eval(), _mnist_like(4)
+    assert not torch.equal(model(x)[0], model(x)[0])
+    torch.testing.assert_close(model.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+
+
+def test_sample_draws_probabilities_from_the_prior():
+    model = VAE(input_dim=64, hidden_dim=32, latent_dim=3)
+    images = model.sample(10, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (10, 64)
+    assert bool(((images >= 0) & (images <= 1)).all())
+    torch.testing.assert_close(images, model.sample(10, generator=torch.Generator().manual_seed(0)))
+
+
+def test_several_hidden_layers_mirror_in_the_decoder():
+    model = VAE(input_dim=64, latent_dim=4, hidden_dims=(48, 32, 16))
+    widths = [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 32, 48, 64]
+    recon, mu, logvar = model(torch.rand(5, 64))
+    assert recon.shape == (5, 64) and mu.shape == logvar.shape == (5, 4)
+    loss_function(recon, torch.rand(5, 64), mu, logvar).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_state_dict_round_trip(tmp_path):
+    model, x = VAE(input_dim=64, hidden_dims=(32, 16), latent_dim=2), torch.rand(6, 64)
+    torch.save(model.state_dict(), tmp_path / "vae.pt")
+    loaded = VAE(input_dim=64, hidden_dims=(32, 16), latent_dim=2)
+    loaded.load_state_dict(torch.load(tmp_path / "vae.pt"))
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model, x = VAE(input_dim=64, hidden_dim=32, latent_dim=4), torch.rand(8, 64)
+    compiled = torch.compile(model)
+    torch.manual_seed(3)
+    recon, mu, logvar = model(x)
+    eager_loss = loss_function(recon, x, mu, logvar)
+    torch.manual_seed(3)
+    recon, mu, logvar = compiled(x)
+    compiled_loss = loss_function(recon, x, mu, logvar)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-4)
+    compiled_loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_the_loss_in_float32(dtype):
+    torch.manual_seed(0)
+    model, x = VAE(), _mnist_like(8)
+    with torch.autocast("cpu", dtype=dtype):
+        recon, mu, logvar = model(x)
+        loss = loss_function(recon, x, mu, logvar)
+        logits, mu2, logvar2 = model.forward_logits(x)
+        logits_loss = vae_fast.vae_loss(logits, x, mu2, logvar2, logits=True)
+    assert recon.dtype == dtype
+    assert loss.dtype == logits_loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(logits_loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_step():
+    model, x = VAE().cuda(), _mnist_like(8).cuda()
+    recon, mu, logvar = model(x)
+    loss = loss_function(recon, x, mu, logvar)
+    loss.backward()
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    assert model.sample(4).device.type == "cuda"
+
+
+def test_wrong_input_width_names_input_dim():
+    with pytest.raises(ValueError, match=r"input_dim=784.*\(4, 100\)"):
+        VAE()(torch.rand(4, 100))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"input_dim": 0}, "input_dim must be a positive integer"),
+        ({"latent_dim": -1}, "latent_dim must be a positive integer"),
+        ({"hidden_dim": 0}, "hidden_dims entry must be a positive integer"),
+        ({"hidden_dims": (64, 0)}, "hidden_dims entry must be a positive integer"),
+        ({"hidden_dims": ()}, "at least one hidden layer"),
+        ({"latent_dim": 2.5}, "latent_dim must be a positive integer"),
+    ],
+)
+def test_bad_dimensions_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(**kwargs)
