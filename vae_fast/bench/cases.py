@@ -1,0 +1,170 @@
+"""What `vae-fast bench` measures: one Case per (op, pass, batch, latent size, dtype, device), holding
+a zero-argument callable per implementation: "fused" (vae_fast), "eager" (the baselines of
+`vae_fast.baselines`) and "compiled" (`torch.compile` of that same eager code).
+
+Every implementation of a case reads the same input sets in the same order. The sets rotate, and
+together they are several times the last-level cache, so a large size is not flattered by finding
+its inputs still cached from the previous call. Gradients are returned by `torch.autograd.grad`
+rather than accumulated into `.grad`: no implementation pays for zeroing or keeps them alive.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import vae_fast
+from vae_fast.baselines import eager_loss_logits, eager_loss_probs, eager_reparameterize
+
+FEATURES = 784  # MNIST, as in the PyTorch examples' VAE
+IMPLEMENTATIONS = ("fused", "eager", "compiled")
+LOSS_OPS = {"loss_probs": False, "loss_logits": True}  # op name -> logits flag
+# Enough sets to cover small sizes' rotation without spending minutes creating them.
+MAX_INPUT_SETS = 1024
+
+
+class Unavailable(Exception):
+    """A case that cannot run in this build or on this device; the message says why."""
+
+
+@dataclass
+class Case:
+    op: str  # "reparameterize", "loss_probs", "loss_logits" or "train_step"
+    pass_: str  # "fwd", "fwd+bwd" or "step"
+    batch: int
+    latent: int
+    dtype: torch.dtype
+    device: torch.device
+    ideal_bytes: int | None  # None where a bandwidth figure would mean nothing (matmul-bound)
+    input_sets: int
+    runs: dict[str, Callable[[], object]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.pass_} B={self.batch} L={self.latent} {dtype_name(self.dtype)}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def input_set_count(set_bytes: int, rotation_bytes: int) -> int:
+    return max(2, min(MAX_INPUT_SETS, -(-rotation_bytes // set_bytes)))
+
+
+def rotating(call: Callable, input_sets: list[tuple]) -> Callable[[], object]:
+    """A callable that runs `call` on the next input set each time, cycling."""
+    sets = itertools.cycle(input_sets)
+    return lambda: call(*next(sets))
+
+
+def compiled(fn: Callable) -> Callable:
+    # A fresh dynamo state per case: static shapes for each size (the compiler's best case), and
+    # dozens of sizes never reach the recompile limit, past which dynamo would silently run eager.
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+def loss_ideal_bytes(batch: int, latent: int, itemsize: int, *, backward: bool, features: int = FEATURES) -> int:
+    """Read recon, x, mu, logvar once; with backward also write grad_recon, grad_mu, grad_logvar."""
+    reads = (2 * batch * features + 2 * batch * latent) * itemsize
+    writes = (batch * features + 2 * batch * latent) * itemsize if backward else 0
+    return reads + writes
+
+
+def reparameterize_ideal_bytes(batch: int, latent: int, itemsize: int, *, backward: bool) -> int:
+    """Forward reads mu, logvar and writes z; backward reads grad_z, z, mu and writes grad_logvar
+    (grad_mu is grad_z itself, no copy)."""
+    return (7 if backward else 3) * batch * latent * itemsize
+
+
+def loss_case(
+    op: str, batch: int, latent: int, *, backward: bool, dtype: torch.dtype, device: torch.device, rotation_bytes: int
+) -> Case:
+    logits = LOSS_OPS[op]
+    eager = eager_loss_logits if logits else eager_loss_probs
+
+    def fused(recon, x, mu, logvar):
+        return vae_fast.vae_loss(recon, x, mu, logvar, logits=logits)
+
+    def make_set():
+        if logits:
+            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device)
+        else:
+            # Strictly inside (0, 1): BCE's logs stay finite, and no implementation takes a clamp path.
+            recon = torch.rand(batch, FEATURES, dtype=dtype, device=device).clamp_(0.01, 0.99)
+        x = torch.rand(batch, FEATURES, dtype=dtype, device=device)
+        mu = torch.randn(batch, latent, dtype=dtype, device=device)
+        logvar = 0.5 * torch.randn(batch, latent, dtype=dtype, device=device)
+        for t in (recon, mu, logvar):
+            t.requires_grad_(backward)
+        return recon, x, mu, logvar
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    set_bytes = (2 * batch * FEATURES + 2 * batch * latent) * itemsize
+    input_sets = [make_set() for _ in range(input_set_count(set_bytes, rotation_bytes))]
+
+    def timed(fn):
+        if not backward:
+            return rotating(fn, input_sets)
+        return rotating(lambda recon, x, mu, logvar: torch.autograd.grad(fn(recon, x, mu, logvar), (recon, mu, logvar)), input_sets)
+
+    return Case(
+        op=op,
+        pass_="fwd+bwd" if backward else "fwd",
+        batch=batch,
+        latent=latent,
+        dtype=dtype,
+        device=device,
+        ideal_bytes=loss_ideal_bytes(batch, latent, itemsize, backward=backward),
+        input_sets=len(input_sets),
+        runs={"fused": timed(fused), "eager": timed(eager), "compiled": timed(compiled(eager))},
+    )
+
+
+def reparameterize_case(
+    batch: int, latent: int, *, backward: bool, dtype: torch.dtype, device: torch.device, rotation_bytes: int
+) -> Case:
+    def make_set():
+        mu = torch.randn(batch, latent, dtype=dtype, device=device, requires_grad=backward)
+        logvar = (0.5 * torch.randn(batch, latent, dtype=dtype, device=device)).requires_grad_(backward)
+        grad_z = torch.randn(batch, latent, dtype=dtype, device=device)
+        return (mu, logvar, grad_z) if backward else (mu, logvar)
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    set_bytes = (3 if backward else 2) * batch * latent * itemsize
+    input_sets = [make_set() for _ in range(input_set_count(set_bytes, rotation_bytes))]
+
+    def timed(fn):
+        if not backward:
+            return rotating(fn, input_sets)
+        return rotating(lambda mu, logvar, grad_z: torch.autograd.grad(fn(mu, logvar), (mu, logvar), grad_z), input_sets)
+
+    return Case(
+        op="reparameterize",
+        pass_="fwd+bwd" if backward else "fwd",
+        batch=batch,
+        latent=latent,
+        dtype=dtype,
+        device=device,
+        ideal_bytes=reparameterize_ideal_bytes(batch, latent, itemsize, backward=backward),
+        input_sets=len(input_sets),
+        runs={
+            "fused": timed(vae_fast.reparameterize),
+            "eager": timed(eager_reparameterize),
+            "compiled": timed(compiled(eager_reparameterize)),
+        },
+    )
+
+
+def op_case(
+    op: str, pass_: str, batch: int, latent: int, *, dtype: torch.dtype, device: torch.device, rotation_bytes: int
+) -> Case:
+    """The case for an op name of this module ("reparameterize", "loss_probs", "loss_logits")."""
+    backward = {"fwd": False, "fwd+bwd": True}[pass_]
+    if op == "reparameterize":
+        return reparameterize_case(batch, latent, backward=backward, dtype=dtype, device=device, rotation_bytes=rotation_bytes)
+    return loss_case(op, batch, latent, backward=backward, dtype=dtype, device=device, rotation_bytes=rotation_bytes)

@@ -1,0 +1,95 @@
+"""The report's plot: fused speedup vs batch size, one panel per op and pass; colour is the baseline
+(eager or torch.compile), line style the latent size, marker the dtype. Above the grey line at 1x
+the fused path is faster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+BASELINE_COLORS = {"speedup_vs_eager": ("tab:blue", "vs eager"), "speedup_vs_compiled": ("tab:orange", "vs torch.compile")}
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
+PANEL_TITLES = {
+    "reparameterize": "reparameterize",
+    "loss_probs": "loss, probabilities",
+    "loss_logits": "loss, logits",
+    "train_step": "training step, drop-in VAE",
+    "train_step_logits": "training step, VAE logits path",
+}
+
+
+def _panels(rows: list[dict]) -> list[tuple[str, str]]:
+    seen = []
+    for row in rows:
+        if (row["op"], row["pass"]) not in seen:
+            seen.append((row["op"], row["pass"]))
+    return seen
+
+
+def write_plot(report: dict, path: Path) -> None:
+    rows = report["rows"]
+    panels = _panels(rows)
+    latents = sorted({row["latent"] for row in rows})
+    dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+    columns = 4
+    grid_rows = max(1, -(-(len(panels) + 1) // columns))  # +1: the legend's panel
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.4 * grid_rows), squeeze=False)
+    axes = axes.ravel()
+    # Values next to the points while a panel holds few lines (CPU); on a GPU's 3 dtypes they would overlap.
+    label_points = len(latents) * len(dtypes) <= 2
+    for ax, (op, pass_) in zip(axes, panels):
+        for key, (color, _) in BASELINE_COLORS.items():
+            for latent_index, latent in enumerate(latents):
+                for dtype in dtypes:
+                    points = sorted(
+                        (row["batch"], row[key])
+                        for row in rows
+                        if (row["op"], row["pass"], row["latent"], row["dtype"]) == (op, pass_, latent, dtype)
+                        and row[key] is not None
+                    )
+                    if points:
+                        xs, ys = zip(*points)
+                        ax.plot(xs, ys, color=color, linestyle=LINE_STYLES[latent_index % len(LINE_STYLES)],
+                                marker=MARKERS.get(dtype, "x"), markersize=5)
+                        if label_points:
+                            for x, y in points:
+                                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 3),
+                                            fontsize=7, color=color)
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_xscale("log", base=2)
+        batches = sorted({row["batch"] for row in rows if (row["op"], row["pass"]) == (op, pass_)})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_xlim(batches[0] / 1.6, batches[-1] * 1.6)
+        ax.set_yscale("log")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, 0.8), max(high, 1.25))  # 1x always in view, with room above and below
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_title(f"{PANEL_TITLES.get(op, op)}: {pass_}", fontsize=10)
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("fused speedup")
+        ax.grid(True, which="major", alpha=0.3)
+    legend_ax = axes[len(panels)]
+    legend_ax.axis("off")
+    handles = [Line2D([], [], color=color, label=label) for color, label in BASELINE_COLORS.values()]
+    handles += [Line2D([], [], color="black", linestyle=LINE_STYLES[i % len(LINE_STYLES)], label=f"L={latent}")
+                for i, latent in enumerate(latents)]
+    handles += [Line2D([], [], color="black", marker=MARKERS.get(d, "x"), linestyle="", label=d) for d in dtypes]
+    legend_ax.legend(handles=handles, loc="center", frameon=False)
+    for ax in axes[len(panels) + 1:]:
+        ax.axis("off")
+    machine = report["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
+    fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,165 @@
+"""A measured report (see runner.measure) as Markdown and JSON, with the foundation targets checked."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+COLUMNS = (
+    "op",
+    "pass",
+    "B",
+    "L",
+    "dtype",
+    "fused ms",
+    "eager ms",
+    "compiled ms",
+    "vs eager",
+    "vs compiled",
+    "fused GB/s",
+    "% of copy",
+    "compile s",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A ratio the fused path must reach on the CPU (the foundation issue's acceptance criteria)."""
+
+    op: str
+    pass_: str
+    baseline: str  # "eager" or "compiled"
+    minimum: float
+    batch: int = 4096
+    latent: int = 20
+    dtype: str = "float32"
+
+    @property
+    def description(self) -> str:
+        return f"{self.op} {self.pass_} B={self.batch} L={self.latent} {self.dtype}: fused vs {self.baseline} >= {self.minimum:g}x"
+
+
+CPU_TARGETS = (
+    Target("loss_probs", "fwd+bwd", "eager", 5.0),
+    Target("loss_logits", "fwd+bwd", "compiled", 2.0),
+    Target("reparameterize", "fwd+bwd", "eager", 1.0),
+)
+
+
+def result_stem(report: dict) -> str:
+    """`<device>-<date>`, with `-quick` for quick runs so they never overwrite a full one."""
+    stem = f"{report['device']}-{report['date'][:10]}"
+    return stem + "-quick" if report["plan"]["quick"] else stem
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def table_row(row: dict) -> list[str]:
+    impls = row["impls"]
+    fused = impls["fused"]
+    return [
+        row["op"],
+        row["pass"],
+        str(row["batch"]),
+        str(row["latent"]),
+        row["dtype"],
+        _ms(fused["median_s"]),
+        _ms(impls["eager"]["median_s"]),
+        _ms(impls["compiled"]["median_s"]) if "compiled" in impls else "—",
+        _ratio(row["speedup_vs_eager"]),
+        _ratio(row["speedup_vs_compiled"]),
+        f"{fused['gb_per_s']:.1f}" if "gb_per_s" in fused else "—",
+        f"{100 * fused['copy_fraction']:.0f}%" if "copy_fraction" in fused else "—",
+        f"{row['compile_s']:.1f}" if row.get("compile_s") is not None else "—",
+    ]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 5 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(table_row(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def find_row(report: dict, op: str, pass_: str, batch: int, latent: int, dtype: str) -> dict | None:
+    for row in report["rows"]:
+        if (row["op"], row["pass"], row["batch"], row["latent"], row["dtype"]) == (op, pass_, batch, latent, dtype):
+            return row
+    return None
+
+
+def check_targets(report: dict) -> list[dict]:
+    """The CPU targets whose case was measured in this report, with the measured ratio."""
+    if report["device"] != "cpu":
+        return []
+    checked = []
+    for target in CPU_TARGETS:
+        row = find_row(report, target.op, target.pass_, target.batch, target.latent, target.dtype)
+        if row is None:
+            continue
+        measured = row["speedup_vs_eager" if target.baseline == "eager" else "speedup_vs_compiled"]
+        checked.append({"target": target.description, "measured": measured, "met": measured >= target.minimum})
+    return checked
+
+
+def busy_machine_warning(report: dict) -> str | None:
+    """Other processes on the cores make parallel CPU kernels straggle; say so when the load average
+    exceeded what this run's own threads account for."""
+    loads = [row["load_average"] for row in report["rows"] if row.get("load_average") is not None]
+    own_threads = report["machine"]["torch_threads"]
+    if report["device"] != "cpu" or not loads or max(loads) <= own_threads + 1:
+        return None
+    return (
+        f"the load average reached {max(loads):.1f} on {report['machine']['cpu_cores']} cores while this run used "
+        f"{own_threads} threads: other processes competed for the CPU, so these timings are noisier than usual."
+    )
+
+
+def _header(report: dict) -> list[str]:
+    machine = report["machine"]
+    where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
+    backend = report["backend"]
+    lines = [
+        f"# vae_fast benchmark: {report['device']} ({where})",
+        "",
+        f"{report['date']}; vae_fast {report['versions']['vae_fast']}, torch {report['versions']['torch']}, "
+        f"{machine['torch_threads']} torch threads; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
+        f"Copy bandwidth (`dst.copy_(src)`, 256 MiB, same run): **{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",
+        "",
+        "Median time per call over interleaved rounds (fused, eager, compiled take turns on the same rotating "
+        f"inputs, {report['rotation_bytes'] // 2**20} MiB of them or more per case). `vs eager` and `vs compiled` "
+        "are how many times faster the fused path is. `fused GB/s` is the ideal bytes (each input read once, "
+        "each output written once) over the fused time, `% of copy` that against the copy bandwidth. "
+        "`compile s` is torch.compile's first call (compile and run), excluded from the timings. "
+        "Times are in milliseconds.",
+    ]
+    busy = busy_machine_warning(report)
+    if busy:
+        lines += ["", f"**Warning: {busy}**"]
+    if backend["implementation"] != "extension":
+        lines += ["", f"**Warning: `fused` here is the pure-torch reference, not the kernels: {backend.get('reason')}.**"]
+    return lines
+
+
+def to_markdown(report: dict, *, plot_name: str | None = None) -> str:
+    lines = _header(report) + ["", markdown_table(report["rows"])]
+    for skipped in report["skipped"]:
+        lines += ["", f"Not measured: {skipped['case']}: {skipped['reason']}."]
+    targets = check_targets(report)
+    if targets:
+        lines += ["", "## Foundation targets", ""]
+        lines += [f"- {'met' if t['met'] else 'MISSED'}: {t['target']} (measured {t['measured']:.2f}x)" for t in targets]
+    if plot_name:
+        lines += ["", f"![speedup vs batch size]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps({**report, "targets": check_targets(report)}, indent=1) + "\n")

@@ -1,0 +1,267 @@
+"""Running `vae-fast bench`: the plan of sizes and repetitions, the measurement of every case of one
+device into a report dict, and the command's entry point (results on stdout and in files)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import vae_fast
+
+from . import timing
+from .cases import IMPLEMENTATIONS, Case, Unavailable, dtype_name, op_case
+from .training import training_step_case
+
+OP_PASSES = (
+    ("reparameterize", "fwd"),
+    ("reparameterize", "fwd+bwd"),
+    ("loss_probs", "fwd"),
+    ("loss_probs", "fwd+bwd"),
+    ("loss_logits", "fwd"),
+    ("loss_logits", "fwd+bwd"),
+)
+DEFAULT_OUT = "benchmarks/results"
+SCHEMA_VERSION = 1
+WARMUP_CALLS = 3
+
+
+@dataclass
+class Plan:
+    """Which cases to run and how long to spend on each."""
+
+    batches: tuple[int, ...]
+    latents: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    op_passes: tuple[tuple[str, str], ...] = OP_PASSES
+    training_batches: tuple[int, ...] = ()
+    training_logits: tuple[bool, ...] = (False, True)  # the drop-in path, then the logits path
+    min_sample_s: float = 0.005
+    budget_s: float = 4.0  # per case, all implementations together; min_rounds wins when larger
+    min_rounds: int = 7
+    max_rounds: int = 25
+    compile: bool = True  # False leaves torch.compile out (tests: it costs seconds per case)
+    quick: bool = False
+    label: str = "full"
+
+    @classmethod
+    def full_run(cls, device: torch.device) -> Plan:
+        cuda = device.type == "cuda"
+        return cls(
+            batches=(128, 1024, 4096, 65536),
+            latents=(20, 64),
+            dtypes=(torch.float32, torch.bfloat16, torch.float16) if cuda else (torch.float32,),
+            # A training step at B=65536 takes seconds on a CPU and says nothing the others don't.
+            training_batches=(128, 1024, 4096, 65536) if cuda else (128, 1024, 4096),
+            budget_s=2.0 if cuda else 4.0,
+        )
+
+    @classmethod
+    def quick_run(cls, device: torch.device) -> Plan:
+        """Under a minute on a 2-core CPU, most of it torch.compile: the foundation targets' size only."""
+        return cls(
+            batches=(4096,),
+            latents=(20,),
+            dtypes=(torch.float32,),
+            training_batches=(128,),
+            min_sample_s=0.002,
+            budget_s=0.5,
+            min_rounds=5,
+            max_rounds=9,
+            quick=True,
+            label="quick",
+        )
+
+    def describe(self) -> dict:
+        described = asdict(self)
+        described["dtypes"] = [dtype_name(d) for d in self.dtypes]
+        return described
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    """1-minute load average: other processes on the cores make parallel CPU kernels straggle, so a
+    report says how busy its machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_description(device: torch.device) -> dict:
+    described = {
+        "cpu": cpu_model_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(device)
+    return described
+
+
+def _summarize(case: Case, samples: dict[str, list[float]], copy_bytes_per_s: float) -> dict:
+    impls = {}
+    for name, seconds in samples.items():
+        median = statistics.median(seconds)
+        entry = {"median_s": median, "min_s": min(seconds), "max_s": max(seconds), "samples": len(seconds)}
+        if case.ideal_bytes is not None:
+            entry["gb_per_s"] = case.ideal_bytes / median / 1e9
+            entry["copy_fraction"] = case.ideal_bytes / median / copy_bytes_per_s
+        impls[name] = entry
+    fused = impls["fused"]["median_s"]
+    return {
+        "op": case.op,
+        "pass": case.pass_,
+        "batch": case.batch,
+        "latent": case.latent,
+        "dtype": dtype_name(case.dtype),
+        "ideal_bytes": case.ideal_bytes,
+        "speedup_vs_eager": impls["eager"]["median_s"] / fused,
+        "speedup_vs_compiled": impls["compiled"]["median_s"] / fused if "compiled" in impls else None,
+        "impls": impls,
+    }
+
+
+def _cases(plan: Plan, device: torch.device, rotation_bytes: int):
+    """(description, builder) pairs, built lazily so only one case's inputs live at a time."""
+    for dtype in plan.dtypes:
+        for op, pass_ in plan.op_passes:
+            for latent in plan.latents:
+                for batch in plan.batches:
+                    yield (
+                        f"{op} {pass_} B={batch} L={latent} {dtype_name(dtype)}",
+                        lambda op=op, pass_=pass_, batch=batch, latent=latent, dtype=dtype: op_case(
+                            op, pass_, batch, latent, dtype=dtype, device=device, rotation_bytes=rotation_bytes
+                        ),
+                    )
+    for logits in plan.training_logits:
+        for batch in plan.training_batches:
+            yield (
+                f"train_step{'_logits' if logits else ''} B={batch}",
+                lambda batch=batch, logits=logits: training_step_case(
+                    batch, logits=logits, device=device, rotation_bytes=rotation_bytes
+                ),
+            )
+
+
+def measure_case(case: Case, plan: Plan) -> tuple[dict[str, list[float]], dict]:
+    """Warm every implementation up (torch.compile's first call timed apart), then interleave."""
+    clock = timing.clock_for(case.device)
+    compile_s = timing.first_call_seconds(case.runs["compiled"], case.device) if "compiled" in case.runs else None
+    # The inputs were written when created, so their pages are resident already; a few calls fill
+    # the allocator's caches and finish any lazy initialization (autotuning, thread pools).
+    for run in case.runs.values():
+        for _ in range(WARMUP_CALLS):
+            run()
+    # A recompile inside the timed rounds would be timed as if it were a call; refuse it instead.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        repetitions = timing.choose_repetitions(
+            case.runs,
+            clock,
+            min_sample_s=plan.min_sample_s,
+            budget_s=plan.budget_s,
+            min_rounds=plan.min_rounds,
+            max_rounds=plan.max_rounds,
+        )
+        samples = timing.interleaved_samples(case.runs, clock, repetitions)
+    return samples, {
+        "compile_s": compile_s,
+        "calls_per_sample": repetitions.calls_per_sample,
+        "rounds": repetitions.rounds,
+        "input_sets": case.input_sets,
+    }
+
+
+def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr) -> dict:
+    """Every case of the plan on one device, plus the device's copy bandwidth: the report dict that
+    `report.py` turns into Markdown and JSON."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    copy_bytes_per_s = timing.copy_bandwidth(device)
+    rotation_bytes = 4 * timing.last_level_cache_bytes(device)
+    print(f"[bench] {device}: copy bandwidth {copy_bytes_per_s / 1e9:.1f} GB/s", file=log, flush=True)
+    rows, skipped = [], []
+    cases = list(_cases(plan, device, rotation_bytes))
+    for index, (description, build) in enumerate(cases, 1):
+        case_started = time.perf_counter()
+        try:
+            case = build()
+        except Unavailable as why:
+            skipped.append({"case": description, "reason": str(why)})
+            print(f"[bench] {index}/{len(cases)} {description}: skipped, {why}", file=log, flush=True)
+            continue
+        if not plan.compile:
+            del case.runs["compiled"]
+        samples, details = measure_case(case, plan)
+        row = {**_summarize(case, samples, copy_bytes_per_s), **details, "load_average": load_average()}
+        rows.append(row)
+        del case  # frees this case's input sets before the next case allocates its own
+        vs_compiled = "" if row["speedup_vs_compiled"] is None else f", x{row['speedup_vs_compiled']:.2f} vs compiled"
+        print(
+            f"[bench] {index}/{len(cases)} {description}: fused x{row['speedup_vs_eager']:.2f} vs eager"
+            f"{vs_compiled} ({time.perf_counter() - case_started:.1f} s)",
+            file=log,
+            flush=True,
+        )
+    return {
+        "schema": SCHEMA_VERSION,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device.type,
+        "machine": machine_description(device),
+        "versions": {"vae_fast": vae_fast.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "backend": vae_fast.backend_info()["devices"][device.type],
+        "plan": plan.describe(),
+        "implementations": [name for name in IMPLEMENTATIONS if plan.compile or name != "compiled"],
+        "copy_bandwidth_gb_per_s": copy_bytes_per_s / 1e9,
+        "rotation_bytes": rotation_bytes,
+        "rows": rows,
+        "skipped": skipped,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def default_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def run_bench(device: str | None = None, *, quick: bool = False, out_dir: str | os.PathLike = DEFAULT_OUT) -> int:
+    """`vae-fast bench`: for each device, the Markdown table on stdout and the .md/.json/.png files
+    in out_dir. Returns the process exit status."""
+    from .plot import write_plot
+    from .report import result_stem, to_markdown, write_json
+
+    if device == "cuda" and not torch.cuda.is_available():
+        print("vae-fast bench: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
+        return 2
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [device] if device else default_devices():
+        plan = Plan.quick_run(torch.device(name)) if quick else Plan.full_run(torch.device(name))
+        report = measure(name, plan)
+        stem = out_dir / result_stem(report)
+        markdown = to_markdown(report, plot_name=stem.with_suffix(".png").name)
+        stem.with_suffix(".md").write_text(markdown)
+        write_json(report, stem.with_suffix(".json"))
+        write_plot(report, stem.with_suffix(".png"))
+        print(markdown, flush=True)
+        print(f"[bench] wrote {stem}.md, .json and .png", file=sys.stderr)
+    return 0
