@@ -16,12 +16,23 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args.device, quick=args.quick, out_dir=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-fast", description="Fused VAE kernels: tools around them.")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="which implementation serves each device, and why")
     info.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     info.set_defaults(run=_info)
+    bench = commands.add_parser("bench", help="time fused vs eager vs torch.compile: Markdown table, JSON and plot")
+    bench.add_argument("--quick", action="store_true", help="the foundation targets' size only, under a minute on a CPU")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: the CPU, then CUDA when present")
+    bench.add_argument("--out", default="benchmarks/results", help="folder for <device>-<date>.md/.json/.png")
+    bench.set_defaults(run=_bench)
     return parser
 
 
