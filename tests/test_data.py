@@ -1,0 +1,148 @@
+"""vae_fast.data: digits, MNIST IDX files (gz or raw, download when missing: tested on file:// URLs),
+.npy arrays, and a clear DataError for each kind of bad file."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vae_fast.data import DataError, load_dataset, read_idx
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write_mnist(folder: Path, split: str, n: int, *, compress: bool, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, array in ((f"{prefix}-images-idx3-ubyte", images), (f"{prefix}-labels-idx1-ubyte", labels)):
+        data = _idx_bytes(array)
+        if compress:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+
+
+def test_digits_split_is_seeded_and_in_unit_range():
+    a, b = load_dataset("digits", seed=3), load_dataset("digits", seed=3)
+    assert a.train_x.shape == (1438, 64) and a.test_x.shape == (359, 64)
+    assert a.image_shape == (8, 8) and a.input_dim == 64
+    assert float(a.train_x.min()) >= 0 and float(a.train_x.max()) == 1.0
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.test_y, b.test_y)
+    assert not torch.equal(load_dataset("digits", seed=4).test_x, a.test_x)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_mnist_test_files_only_give_an_80_20_split(tmp_path, compress):
+    _write_mnist(tmp_path, "test", 50, compress=compress)
+    data = load_dataset("mnist", data_dir=tmp_path, download_url=None)
+    assert data.train_x.shape == (40, 784) and data.test_x.shape == (10, 784)
+    assert data.image_shape == (28, 28) and data.train_y.dtype == torch.int64
+    raw = read_idx(tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if compress else "")))
+    assert raw.shape == (50, 28, 28)
+    assert float(data.train_x.max()) <= 1.0
+
+
+def test_mnist_train_and_test_files_give_the_standard_split(tmp_path):
+    _write_mnist(tmp_path, "train", 30, compress=True)
+    _write_mnist(tmp_path, "test", 12, compress=False, seed=1)
+    data = load_dataset("mnist", data_dir=tmp_path, download_url=None)
+    assert len(data.train_x) == 30 and len(data.test_x) == 12
+
+
+def test_missing_mnist_files_are_downloaded(tmp_path):
+    mirror = tmp_path / "mirror"
+    _write_mnist(mirror, "test", 20, compress=True)
+    target = tmp_path / "data"
+    data = load_dataset("mnist", data_dir=target, download_url=mirror.as_uri() + "/")
+    assert len(data.train_x) + len(data.test_x) == 20
+    assert (target / "t10k-images-idx3-ubyte.gz").exists()
+    assert not list(target.glob("*.part"))
+
+
+def test_failed_download_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte is not in .* downloading it .* failed.*--dataset digits"):
+        load_dataset("mnist", data_dir=tmp_path, download_url=(tmp_path / "nowhere").as_uri() + "/")
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_missing_mnist_without_download(tmp_path):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\[\.gz\] is not in"):
+        load_dataset("mnist", data_dir=tmp_path, download_url=None)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + bytes(100), "truncated or corrupt"),
+        (b"not an idx file at all", "not an IDX file"),
+        (b"\x1f\x8b" + b"garbage", "could not be read"),
+        (b"\x00\x00\x08\x03\x00", "header cut off"),
+    ],
+)
+def test_corrupt_idx_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message) as error:
+        read_idx(path)
+    assert str(path) in str(error.value)
+
+
+def test_npy_uint8_images_and_float_rows(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, size=(30, 6, 5), dtype=np.uint8))
+    images = load_dataset("npy", data_file=tmp_path / "images.npy")
+    assert images.image_shape == (6, 5) and images.input_dim == 30
+    assert len(images.train_x) == 24 and images.train_y is None
+    np.save(tmp_path / "rows.npy", rng.random((10, 16)))
+    rows = load_dataset("npy", data_file=tmp_path / "rows.npy")
+    assert rows.image_shape == (4, 4) and rows.train_x.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((10, 4), 2.0), r"must be finite and lie in \[0, 1\]"),
+        (np.full((10, 4), np.nan), "must be finite"),
+        (np.zeros(10), r"shape \[N, D\] or \[N, H, W\]"),
+        (np.zeros((10, 4), dtype=np.int64), "is not uint8 or floating point"),
+    ],
+)
+def test_bad_npy_arrays(tmp_path, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=message):
+        load_dataset("npy", data_file=tmp_path / "bad.npy")
+
+
+def test_unreadable_or_missing_npy(tmp_path):
+    (tmp_path / "text.npy").write_text("hello")
+    with pytest.raises(DataError, match="is not a readable .npy array"):
+        load_dataset("npy", data_file=tmp_path / "text.npy")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("npy", data_file=tmp_path / "missing.npy")
+
+
+def test_missing_arguments_and_unknown_names():
+    with pytest.raises(DataError, match="needs --data-dir"):
+        load_dataset("mnist")
+    with pytest.raises(DataError, match="needs --data-file"):
+        load_dataset("npy")
+    with pytest.raises(DataError, match="unknown dataset 'cifar'"):
+        load_dataset("cifar")
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="the shared MNIST test files are not in this checkout's neighbourhood")
+def test_real_mnist_test_set():
+    data = load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None)
+    assert data.train_x.shape == (8000, 784) and data.test_x.shape == (2000, 784)
+    assert set(data.test_y.unique().tolist()) == set(range(10))
