@@ -9,7 +9,7 @@ from vae_fast import _extension, reference
 from conftest import TOLERANCE, relative_error, requires_cuda
 from test_vae_loss import REDUCTIONS, assert_parity, loss_and_grads, sample_inputs
 
-OPS = ("vae_loss", "reparameterize", "reparameterize_backward")
+OPS = ("vae_loss", "reparameterize", "reparameterize_backward", "scale_by_grad_output_")
 
 
 @pytest.mark.skipif(not _extension.cuda_kernels_compiled(), reason="extension built without CUDA kernels")

@@ -344,3 +344,20 @@ def test_mixed_dtypes_are_promoted():
     loss = vae_fast.vae_loss(recon.bfloat16(), x, mu.bfloat16(), logvar.bfloat16())
     expected = reference.vae_loss(recon.bfloat16().double(), x.double(), mu.bfloat16().double(), logvar.bfloat16().double())
     assert relative_error(loss, expected) <= 1e-5
+
+
+def test_second_backward_through_a_scaled_loss_is_refused():
+    inputs = [t.requires_grad_() for t in sample_inputs(3, 5, 2, logits=True)]
+    loss = vae_fast.vae_loss(*inputs, logits=True) * 3.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_scale_by_grad_output_op():
+    grad = torch.randn(4, 5)
+    for factor in (torch.tensor(1.0), torch.tensor(-2.5)):
+        torch.library.opcheck(torch.ops.vae_fast.scale_by_grad_output_.default, (grad.clone(), factor))
+        scaled = grad.clone()
+        torch.ops.vae_fast.scale_by_grad_output_(scaled, factor)
+        assert torch.equal(scaled, grad * factor)

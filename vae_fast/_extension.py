@@ -19,7 +19,6 @@ except (ImportError, OSError) as error:  # not built, or built against another t
     _C = None
     LOAD_ERROR = f"{type(error).__name__}: {error}"
 
-OPS = ("vae_loss", "reparameterize", "reparameterize_backward")
 _warned: set[str] = set()
 
 

@@ -2,8 +2,8 @@
 autograd formulas. The schemas and device kernels live in csrc/.
 
 The loss op computes every input gradient in its forward pass (inputs are read once); its backward
-only scales those gradients by grad_output, and skips even that when grad_output is exactly 1 on
-the CPU (the usual `loss.backward()`).
+only scales those gradients by grad_output, and skips even that when grad_output is exactly 1 (the
+usual `loss.backward()`), which the CUDA kernel decides on the device without a sync.
 """
 
 from __future__ import annotations
@@ -61,16 +61,14 @@ if _extension.extension_loaded():
         ctx.reduction = reduction
         ctx.grad_mask = tuple(grad_mask)
 
-    def _grad_output_is_one(grad_loss: torch.Tensor) -> bool:
-        # Reading the value is free on the CPU only. While tracing (torch.compile, opcheck) grad_loss
-        # is a fake tensor with no value; the multiply is then kept and fused by the compiler.
-        return (
-            type(grad_loss) is torch.Tensor
-            and not torch.compiler.is_compiling()
-            and grad_loss.device.type == "cpu"
-            and grad_loss.numel() == 1
-            and grad_loss.item() == 1.0
-        )
+    @torch.library.register_fake("vae_fast::scale_by_grad_output_")
+    def _scale_by_grad_output_fake(grad, grad_output):
+        return None
+
+    def _is_traced(t: torch.Tensor) -> bool:
+        # torch.compile and opcheck trace the backward with fake/functional tensors, which cannot
+        # take the in-place update of a saved tensor.
+        return type(t) is not torch.Tensor or torch.compiler.is_compiling()
 
     def _vae_loss_backward(ctx, grad_loss, *unused_grad_of_grads):
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -93,10 +91,13 @@ if _extension.extension_loaded():
             if ctx.reduction == "none":
                 scale = grad_loss.reshape((-1,) + (1,) * (grad.dim() - 1))
                 result.append((grad * scale).to(grad.dtype))
-            elif _grad_output_is_one(grad_loss):
-                result.append(grad)
+            elif _is_traced(grad_loss):
+                result.append((grad * grad_loss).to(grad.dtype))  # the compiler fuses this multiply
             else:
-                result.append((grad * grad_loss).to(grad.dtype))
+                # In place on the saved gradient: a second backward through this loss then fails
+                # autograd's version check instead of reusing scaled values.
+                _lib_ops.scale_by_grad_output_(grad, grad_loss)
+                result.append(grad)
         return (*result, None, None, None, None)
 
     torch.library.register_autograd("vae_fast::vae_loss", _vae_loss_backward, setup_context=_vae_loss_setup_context)
