@@ -14,7 +14,7 @@ from vae_fast.bench.plot import write_plot
 from vae_fast.bench.report import COLUMNS, result_stem, to_markdown, write_json
 from vae_fast.cli import build_parser
 
-TINY = dict(min_sample_s=1e-4, budget_s=0.05, min_rounds=3, max_rounds=3)
+TINY = dict(min_sample_s=1e-4, budget_s=0.05, min_rounds=3, max_rounds=3, copy_buffer_bytes=2**24)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,22 @@ def test_missing_vae_skips_the_training_row_with_a_reason(monkeypatch):
     assert [s["case"] for s in report["skipped"]] == ["train_step B=8", "train_step_logits B=8"]
     assert "vae_fast.VAE" in report["skipped"][0]["reason"]
     assert "Not measured: train_step B=8" in to_markdown(report)
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on(monkeypatch):
+    build = runner.op_case
+
+    def broken_for_logits(op, *args, **kwargs):
+        if op == "loss_logits":
+            raise RuntimeError("kernel exploded")
+        return build(op, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "op_case", broken_for_logits)
+    plan = Plan(batches=(8,), latents=(4,), dtypes=(torch.float32,), compile=False, **TINY)
+    report = measure("cpu", plan)
+    assert len(report["rows"]) == 4 and len(report["failed"]) == 2
+    assert "kernel exploded" in report["failed"][0]["error"]
+    assert "FAILED: loss_logits fwd B=8" in to_markdown(report)
 
 
 def test_ideal_bytes():

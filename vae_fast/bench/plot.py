@@ -14,6 +14,7 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 BASELINE_COLORS = {"speedup_vs_eager": ("tab:blue", "vs eager"), "speedup_vs_compiled": ("tab:orange", "vs torch.compile")}
+LABEL_OFFSETS = {"speedup_vs_eager": (4, 4), "speedup_vs_compiled": (4, -10)}  # eager's above, compile's below
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = {"float32": "o", "bfloat16": "s", "float16": "^"}
 PANEL_TITLES = {
@@ -39,8 +40,8 @@ def write_plot(report: dict, path: Path) -> None:
     latents = sorted({row["latent"] for row in rows})
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
     columns = 4
-    grid_rows = max(1, -(-(len(panels) + 1) // columns))  # +1: the legend's panel
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.4 * grid_rows), squeeze=False)
+    grid_rows = max(1, -(-len(panels) // columns))
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.4 * grid_rows + 0.6), squeeze=False)
     axes = axes.ravel()
     # Values next to the points while a panel holds few lines (CPU); on a GPU's 3 dtypes they would overlap.
     label_points = len(latents) * len(dtypes) <= 2
@@ -60,7 +61,7 @@ def write_plot(report: dict, path: Path) -> None:
                                 marker=MARKERS.get(dtype, "x"), markersize=5)
                         if label_points:
                             for x, y in points:
-                                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(4, 3),
+                                ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=LABEL_OFFSETS[key],
                                             fontsize=7, color=color)
         ax.axhline(1.0, color="grey", linewidth=1)
         ax.set_xscale("log", base=2)
@@ -69,27 +70,27 @@ def write_plot(report: dict, path: Path) -> None:
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlim(batches[0] / 1.6, batches[-1] * 1.6)
         ax.set_yscale("log")
-        low, high = ax.get_ylim()
-        ax.set_ylim(min(low, 0.8), max(high, 1.25))  # 1x always in view, with room above and below
+        speedups = [row[key] for row in rows if (row["op"], row["pass"]) == (op, pass_)
+                    for key in BASELINE_COLORS if row[key] is not None]
+        # 1x always in view, and room for the value labels above and below the points.
+        ax.set_ylim(min(speedups + [1.0]) / 1.4, max(speedups + [1.0]) * 1.5)
         ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_title(f"{PANEL_TITLES.get(op, op)}: {pass_}", fontsize=10)
+        ax.set_title(PANEL_TITLES.get(op, op) + ("" if pass_ == "step" else f": {pass_}"), fontsize=10)
         ax.set_xlabel("batch size B")
         ax.set_ylabel("fused speedup")
         ax.grid(True, which="major", alpha=0.3)
-    legend_ax = axes[len(panels)]
-    legend_ax.axis("off")
     handles = [Line2D([], [], color=color, label=label) for color, label in BASELINE_COLORS.values()]
     handles += [Line2D([], [], color="black", linestyle=LINE_STYLES[i % len(LINE_STYLES)], label=f"L={latent}")
                 for i, latent in enumerate(latents)]
     handles += [Line2D([], [], color="black", marker=MARKERS.get(d, "x"), linestyle="", label=d) for d in dtypes]
-    legend_ax.legend(handles=handles, loc="center", frameon=False)
-    for ax in axes[len(panels) + 1:]:
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    for ax in axes[len(panels):]:
         ax.axis("off")
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
     fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # the bottom strip is the legend's
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -105,6 +105,8 @@ def check_targets(report: dict) -> list[dict]:
         if row is None:
             continue
         measured = row["speedup_vs_eager" if target.baseline == "eager" else "speedup_vs_compiled"]
+        if measured is None:
+            continue
         checked.append({"target": target.description, "measured": measured, "met": measured >= target.minimum})
     return checked
 
@@ -131,13 +133,15 @@ def _header(report: dict) -> list[str]:
         "",
         f"{report['date']}; vae_fast {report['versions']['vae_fast']}, torch {report['versions']['torch']}, "
         f"{machine['torch_threads']} torch threads; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
-        f"Copy bandwidth (`dst.copy_(src)`, 256 MiB, same run): **{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",
+        f"Copy bandwidth (`dst.copy_(src)`, {report['plan']['copy_buffer_bytes'] // 2**20} MiB, same run): "
+        f"**{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",
         "",
         "Median time per call over interleaved rounds (fused, eager, compiled take turns on the same rotating "
         f"inputs, {report['rotation_bytes'] // 2**20} MiB of them or more per case). `vs eager` and `vs compiled` "
         "are how many times faster the fused path is. `fused GB/s` is the ideal bytes (each input read once, "
         "each output written once) over the fused time, `% of copy` that against the copy bandwidth. "
-        "`compile s` is torch.compile's first call (compile and run), excluded from the timings. "
+        "`compile s` is torch.compile's first call (compile and run) in this process, excluded from the "
+        "timings; inductor's on-disk caches are on, as by default, so a repeated run compiles faster. "
         "Times are in milliseconds.",
     ]
     busy = busy_machine_warning(report)
@@ -152,6 +156,8 @@ def to_markdown(report: dict, *, plot_name: str | None = None) -> str:
     lines = _header(report) + ["", markdown_table(report["rows"])]
     for skipped in report["skipped"]:
         lines += ["", f"Not measured: {skipped['case']}: {skipped['reason']}."]
+    for failed in report.get("failed", []):
+        lines += ["", f"**FAILED: {failed['case']}: {failed['error']}**"]
     targets = check_targets(report)
     if targets:
         lines += ["", "## Foundation targets", ""]

@@ -8,7 +8,8 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import traceback
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +32,7 @@ OP_PASSES = (
 DEFAULT_OUT = "benchmarks/results"
 SCHEMA_VERSION = 1
 WARMUP_CALLS = 3
+HALF_AND_FULL = (torch.float32, torch.bfloat16, torch.float16)  # GPU dtypes; CPU runs float32 only
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Plan:
     min_rounds: int = 7
     max_rounds: int = 25
     compile: bool = True  # False leaves torch.compile out (tests: it costs seconds per case)
+    copy_buffer_bytes: int = timing.COPY_BUFFER_BYTES
     quick: bool = False
     label: str = "full"
 
@@ -57,7 +60,7 @@ class Plan:
         return cls(
             batches=(128, 1024, 4096, 65536),
             latents=(20, 64),
-            dtypes=(torch.float32, torch.bfloat16, torch.float16) if cuda else (torch.float32,),
+            dtypes=HALF_AND_FULL if cuda else (torch.float32,),
             # A training step at B=65536 takes seconds on a CPU and says nothing the others don't.
             training_batches=(128, 1024, 4096, 65536) if cuda else (128, 1024, 4096),
             budget_s=2.0 if cuda else 4.0,
@@ -69,7 +72,7 @@ class Plan:
         return cls(
             batches=(4096,),
             latents=(20,),
-            dtypes=(torch.float32,),
+            dtypes=HALF_AND_FULL if device.type == "cuda" else (torch.float32,),
             training_batches=(128,),
             min_sample_s=0.002,
             budget_s=0.5,
@@ -190,39 +193,17 @@ def measure_case(case: Case, plan: Plan) -> tuple[dict[str, list[float]], dict]:
     }
 
 
-def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr) -> dict:
+def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_done=None) -> dict:
     """Every case of the plan on one device, plus the device's copy bandwidth: the report dict that
-    `report.py` turns into Markdown and JSON."""
+    `report.py` turns into Markdown and JSON. A case that raises is recorded under "failed" and the
+    run goes on; `on_case_done(report_so_far)` is called after each case."""
     device = torch.device(device)
     torch.manual_seed(0)
     started = time.perf_counter()
-    copy_bytes_per_s = timing.copy_bandwidth(device)
+    copy_bytes_per_s = timing.copy_bandwidth(device, plan.copy_buffer_bytes)
     rotation_bytes = 4 * timing.last_level_cache_bytes(device)
     print(f"[bench] {device}: copy bandwidth {copy_bytes_per_s / 1e9:.1f} GB/s", file=log, flush=True)
-    rows, skipped = [], []
-    cases = list(_cases(plan, device, rotation_bytes))
-    for index, (description, build) in enumerate(cases, 1):
-        case_started = time.perf_counter()
-        try:
-            case = build()
-        except Unavailable as why:
-            skipped.append({"case": description, "reason": str(why)})
-            print(f"[bench] {index}/{len(cases)} {description}: skipped, {why}", file=log, flush=True)
-            continue
-        if not plan.compile:
-            del case.runs["compiled"]
-        samples, details = measure_case(case, plan)
-        row = {**_summarize(case, samples, copy_bytes_per_s), **details, "load_average": load_average()}
-        rows.append(row)
-        del case  # frees this case's input sets before the next case allocates its own
-        vs_compiled = "" if row["speedup_vs_compiled"] is None else f", x{row['speedup_vs_compiled']:.2f} vs compiled"
-        print(
-            f"[bench] {index}/{len(cases)} {description}: fused x{row['speedup_vs_eager']:.2f} vs eager"
-            f"{vs_compiled} ({time.perf_counter() - case_started:.1f} s)",
-            file=log,
-            flush=True,
-        )
-    return {
+    report = {
         "schema": SCHEMA_VERSION,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device.type,
@@ -233,10 +214,42 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr) -> dict:
         "implementations": [name for name in IMPLEMENTATIONS if plan.compile or name != "compiled"],
         "copy_bandwidth_gb_per_s": copy_bytes_per_s / 1e9,
         "rotation_bytes": rotation_bytes,
-        "rows": rows,
-        "skipped": skipped,
-        "wall_s": time.perf_counter() - started,
+        "rows": [],
+        "skipped": [],
+        "failed": [],
+        "wall_s": 0.0,
     }
+    cases = list(_cases(plan, device, rotation_bytes))
+    for index, (description, build) in enumerate(cases, 1):
+        case_started = time.perf_counter()
+        progress = f"[bench] {index}/{len(cases)} {description}:"
+        try:
+            case = build()
+            if not plan.compile:
+                del case.runs["compiled"]
+            samples, details = measure_case(case, plan)
+            row = {**_summarize(case, samples, copy_bytes_per_s), **details, "load_average": load_average()}
+            del case  # frees this case's input sets before the next case allocates its own
+        except Unavailable as why:
+            report["skipped"].append({"case": description, "reason": str(why)})
+            print(f"{progress} skipped, {why}", file=log, flush=True)
+        except Exception as error:  # noqa: BLE001  (one broken case must not cost the whole run)
+            report["failed"].append({"case": description, "error": f"{type(error).__name__}: {error}"})
+            print(f"{progress} FAILED", file=log, flush=True)
+            traceback.print_exc(file=log)
+        else:
+            report["rows"].append(row)
+            vs_compiled = "" if row["speedup_vs_compiled"] is None else f", x{row['speedup_vs_compiled']:.2f} vs compiled"
+            print(
+                f"{progress} fused x{row['speedup_vs_eager']:.2f} vs eager{vs_compiled} "
+                f"({time.perf_counter() - case_started:.1f} s)",
+                file=log,
+                flush=True,
+            )
+        report["wall_s"] = time.perf_counter() - started
+        if on_case_done is not None:
+            on_case_done(report)
+    return report
 
 
 def default_devices() -> list[str]:
@@ -245,7 +258,7 @@ def default_devices() -> list[str]:
 
 def run_bench(device: str | None = None, *, quick: bool = False, out_dir: str | os.PathLike = DEFAULT_OUT) -> int:
     """`vae-fast bench`: for each device, the Markdown table on stdout and the .md/.json/.png files
-    in out_dir. Returns the process exit status."""
+    in out_dir. Returns the process exit status: 1 when a case failed, 2 for an unusable device."""
     from .plot import write_plot
     from .report import result_stem, to_markdown, write_json
 
@@ -254,14 +267,20 @@ def run_bench(device: str | None = None, *, quick: bool = False, out_dir: str | 
         return 2
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
     for name in [device] if device else default_devices():
         plan = Plan.quick_run(torch.device(name)) if quick else Plan.full_run(torch.device(name))
-        report = measure(name, plan)
+
+        def write_tables(report):
+            # After every case, so a run cut short (a time limit, a crash) still leaves its rows.
+            stem = out_dir / result_stem(report)
+            stem.with_suffix(".md").write_text(to_markdown(report, plot_name=stem.with_suffix(".png").name))
+            write_json(report, stem.with_suffix(".json"))
+
+        report = measure(name, plan, on_case_done=write_tables)
         stem = out_dir / result_stem(report)
-        markdown = to_markdown(report, plot_name=stem.with_suffix(".png").name)
-        stem.with_suffix(".md").write_text(markdown)
-        write_json(report, stem.with_suffix(".json"))
         write_plot(report, stem.with_suffix(".png"))
-        print(markdown, flush=True)
+        print(to_markdown(report, plot_name=stem.with_suffix(".png").name), flush=True)
         print(f"[bench] wrote {stem}.md, .json and .png", file=sys.stderr)
-    return 0
+        failures += len(report["failed"])
+    return 1 if failures else 0
