@@ -1,0 +1,114 @@
+"""vae_fast.training: metrics files, images, exact resume, KL warm-up, and the errors of a bad
+--resume, a mismatched checkpoint and a diverging loss. Tiny model and data throughout."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vae_fast.checkpoints import CheckpointError, load_checkpoint
+from vae_fast.data import Dataset
+from vae_fast.training import TrainConfig, TrainingDiverged, kl_weight, train
+
+
+def _toy(name: str = "toy", *, nan: bool = False) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.bernoulli(torch.full((80, 16), 0.3), generator=g)
+    if nan:
+        x[:, 0] = float("nan")
+    y = torch.arange(80) % 4
+    return Dataset(name, x[:64], y[:64], x[64:], y[64:], (4, 4))
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    base = TrainConfig(dataset="toy", epochs=2, batch_size=16, latent_dim=2, hidden_dims=(8,),
+                       out=str(tmp_path / "run"), progress=False, images=False)
+    return replace(base, **overrides)
+
+
+def test_metrics_and_checkpoint_are_written(tmp_path):
+    history = train(_config(tmp_path), _toy())
+    out = tmp_path / "run"
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert json.loads((out / "metrics.json").read_text()) == history
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train_loss", "test_loss", "test_recon", "test_kl"} <= set(header)
+    for row in history:
+        assert row["test_loss"] == pytest.approx(row["test_recon"] + row["test_kl"])
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["model_config"]["latent_dim"] == 2
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_config(tmp_path, out=str(tmp_path / "straight"), epochs=3), _toy())
+    train(_config(tmp_path, out=str(tmp_path / "split"), epochs=1), _toy())
+    resumed = train(_config(tmp_path, out=str(tmp_path / "split"), epochs=3, resume=str(tmp_path / "split" / "checkpoint.pt")), _toy())
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for (_, state_a), (_, state_b) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert drop_time(resumed) == drop_time(straight)
+
+
+def test_images_are_written(tmp_path):
+    train(_config(tmp_path, epochs=1, images=True), _toy())
+    out = tmp_path / "run"
+    for name in ("reconstructions", "samples", "latent", "interpolation", "loss_curves", "manifold"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    train(_config(tmp_path, epochs=1, images=True, latent_dim=3, out=str(tmp_path / "pca")), _toy())
+    assert (tmp_path / "pca" / "latent.png").exists() and not (tmp_path / "pca" / "manifold.png").exists()
+
+
+def test_kl_warmup_ramps_beta_linearly():
+    assert kl_weight(2.0, 0, step=0, steps_per_epoch=10) == 2.0
+    assert kl_weight(2.0, 2, step=9, steps_per_epoch=10) == pytest.approx(1.0)
+    assert kl_weight(2.0, 2, step=50, steps_per_epoch=10) == 2.0
+
+
+def test_resume_of_a_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(_config(tmp_path, resume=str(tmp_path / "nope.pt")), _toy())
+
+
+def test_resume_of_a_corrupt_file(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        train(_config(tmp_path, resume=str(tmp_path / "bad.pt")), _toy())
+
+
+def test_resume_from_another_configuration(tmp_path):
+    train(_config(tmp_path, epochs=1), _toy())
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"another configuration: latent_dim=2 \(this run: 3\)"):
+        train(_config(tmp_path, latent_dim=3, resume=checkpoint), _toy())
+    with pytest.raises(CheckpointError, match=r"dataset=toy \(this run: other\)"):
+        train(_config(tmp_path, resume=checkpoint), _toy("other"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(_config(tmp_path, epochs=1), _toy())
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*last good checkpoint is .*checkpoint.pt \(epoch 1\)"):
+        train(_config(tmp_path, epochs=3, resume=str(checkpoint)), _toy(nan=True))
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"epochs": 0}, "--epochs must be positive"),
+        ({"batch_size": -1}, "--batch-size must be positive"),
+        ({"latent_dim": 0}, "--latent-dim must be positive"),
+        ({"hidden_dims": (8, 0)}, "--hidden-dims must be positive"),
+        ({"lr": 0.0}, "--lr must be positive"),
+        ({"beta": -1.0}, "--beta must be >= 0"),
+        ({"kl_warmup": -2.0}, "--kl-warmup must be >= 0"),
+    ],
+)
+def test_bad_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(_config(tmp_path, **overrides), _toy())
