@@ -57,8 +57,8 @@ def format_backend_info(info: dict) -> str:
         lines.append(f"  CPU kernels: {ext['cpu_isa']}   CUDA kernels compiled in: {'yes' if ext['cuda_compiled'] else 'no'}")
     for device, entry in info["devices"].items():
         name = f" ({entry['name']})" if entry.get("name") else ""
-        state = "available" if entry["available"] else "not available"
-        line = f"{device}{name}: {state}; served by {entry['implementation']}"
+        served = "served by" if entry["available"] else "not available here; would be served by"
+        line = f"{device}{name}: {'available; ' if entry['available'] else ''}{served} {entry['implementation']}"
         if "reason" in entry:
             line += f" because {entry['reason']}"
         lines.append(line)
