@@ -22,12 +22,117 @@ def _bench(args) -> int:
     return run_bench(args.device, quick=args.quick, out_dir=args.out)
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _report_user_errors(command: str, run) -> int:
+    """Run a command; a user-facing error (bad argument, data, checkpoint, diverged loss) becomes
+    one line on stderr and exit status 2 instead of a traceback."""
+    from .training import TrainingDiverged
+
+    try:
+        run()
+    except (ValueError, TrainingDiverged) as error:
+        print(f"vae-fast {command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _train(args) -> int:
+    from .training import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
+        beta=args.beta, kl_warmup=args.kl_warmup, device=args.device or _default_device(), seed=args.seed,
+        out=args.out, resume=args.resume, progress=not args.quiet,
+    )
+
+    def run():
+        train(config)
+        if not args.quiet:
+            print(f"metrics, checkpoint and images (reconstructions, samples, latent, interpolation, loss curves) in {args.out}/")
+
+    return _report_user_errors("train", run)
+
+
+def _eval(args) -> int:
+    from .evaluation import evaluate_checkpoint
+
+    def run():
+        result = evaluate_checkpoint(args.checkpoint, samples=args.samples, dataset=args.dataset, data_dir=args.data_dir,
+                                     data_file=args.data_file, device=args.device or _default_device())
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{result['dataset']}, {result['held_out_samples']} held-out samples: negative ELBO {result['negative_elbo']:.3f} "
+                  f"nats (recon {result['recon']:.3f}, KL {result['kl']:.3f}); "
+                  f"IWAE log p(x) >= {result['iwae_log_likelihood']:.3f} nats (K={result['iwae_samples']})")
+
+    return _report_user_errors("eval", run)
+
+
+def _sample(args) -> int:
+    from .plots import write_samples
+
+    def run():
+        path = write_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=args.device or _default_device())
+        print(f"wrote {path}")
+
+    return _report_user_errors("sample", run)
+
+
+def _add_workflow_commands(commands) -> None:
+    """train, eval and sample: the VAE workflow around vae_fast.VAE."""
+    train = commands.add_parser("train", help="train a vae_fast.VAE; metrics, checkpoints and images in --out")
+    train.add_argument("--dataset", choices=["digits", "mnist", "npy"], default="digits",
+                       help="digits: scikit-learn's bundled 8x8 digits (offline); mnist: IDX files in --data-dir "
+                            "(downloaded when missing); npy: the array in --data-file")
+    train.add_argument("--data-dir", help="folder of the MNIST IDX files, .gz or raw")
+    train.add_argument("--data-file", help="a .npy array [N, D] or [N, H, W], uint8 or floats in [0, 1]")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (taken from the checkpoint on --resume)")
+    train.add_argument("--latent-dim", type=int, default=20)
+    train.add_argument("--hidden-dims", type=int, nargs="+", default=[400], help="encoder hidden widths; the decoder mirrors them")
+    train.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")
+    train.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="ramp the KL weight from 0 to --beta over this many epochs")
+    train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default="runs/vae", help="folder for metrics.csv/json, checkpoint.pt and the PNG images")
+    train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint, exactly")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="held-out negative ELBO and IWAE log-likelihood of a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--samples", type=int, default=1000, help="K, importance samples per input")
+    evaluate.add_argument("--dataset", choices=["digits", "mnist", "npy"], help="default: the one the checkpoint was trained on")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--data-file")
+    evaluate.add_argument("--device")
+    evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    evaluate.set_defaults(run=_eval)
+
+    sample = commands.add_parser("sample", help="a PNG grid of samples from a checkpoint's prior")
+    sample.add_argument("checkpoint")
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device")
+    sample.set_defaults(run=_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-fast", description="Fused VAE kernels: tools around them.")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="which implementation serves each device, and why")
     info.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     info.set_defaults(run=_info)
+    _add_workflow_commands(commands)
     bench = commands.add_parser("bench", help="time fused vs eager vs torch.compile: Markdown table, JSON and plot")
     bench.add_argument("--quick", action="store_true", help="the foundation targets' size only, under a minute on a CPU")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: the CPU, then CUDA when present")

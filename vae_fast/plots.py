@@ -43,7 +43,8 @@ def _save(fig, path: Path) -> Path:
 def save_image_grid(images: torch.Tensor, image_shape: tuple[int, ...], path: str | Path, *, ncols: int = 8, title: str = "") -> Path:
     """Tile [N, D] images in [0, 1] into one grey-scale PNG."""
     grid = image_grid(images, image_shape, ncols)
-    fig, ax = plt.subplots(figsize=(max(2.0, grid.shape[1] / 25), max(2.0, grid.shape[0] / 25)))
+    rows = math.ceil(len(images) / ncols)
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * ncols), 0.6 * rows + 0.5))  # ~0.6 inch per tile
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title(title)
