@@ -131,7 +131,9 @@ def _header(report: dict) -> list[str]:
     lines = [
         f"# vae_fast benchmark: {report['device']} ({where})",
         "",
-        f"{report['date']}; vae_fast {report['versions']['vae_fast']}, torch {report['versions']['torch']}, "
+        f"{report['date']}; vae_fast {report['versions']['vae_fast']}"
+        + (f" ({report['versions']['git']})" if report["versions"].get("git") else "")
+        + f", torch {report['versions']['torch']}, "
         f"{machine['torch_threads']} torch threads; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
         f"Copy bandwidth (`dst.copy_(src)`, {report['plan']['copy_buffer_bytes'] // 2**20} MiB, same run): "
         f"**{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",

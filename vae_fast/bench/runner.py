@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -97,6 +98,20 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def source_revision() -> str | None:
+    """`git describe --always --dirty` of the checkout the package runs from, when it is one."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(vae_fast.__file__).parent,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if described.returncode != 0:
+        return None
+    return described.stdout.strip() or None
 
 
 def load_average() -> float | None:
@@ -208,7 +223,12 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device.type,
         "machine": machine_description(device),
-        "versions": {"vae_fast": vae_fast.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {
+            "vae_fast": vae_fast.__version__,
+            "git": source_revision(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "backend": vae_fast.backend_info()["devices"][device.type],
         "plan": plan.describe(),
         "implementations": [name for name in IMPLEMENTATIONS if plan.compile or name != "compiled"],
