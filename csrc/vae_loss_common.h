@@ -66,4 +66,39 @@ inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
                 : at::empty({0}, t.options());
 }
 
+// What every device's host function starts from: checked arguments, contiguous inputs, and the
+// gradient outputs allocated (or empty placeholders).
+struct LossCall {
+  Reduction reduction;
+  LossShape shape;
+  double grad_scale;  // 1, or 1/batch for "mean": the kernels write gradients of the reduced loss
+  at::Tensor recon, x, mu, logvar;
+  at::Tensor grad_recon, grad_x, grad_mu, grad_logvar;
+
+  template <typename T = void>
+  T* grad_ptr(const at::Tensor& grad, bool wanted) const {
+    return wanted ? static_cast<T*>(grad.mutable_data_ptr()) : nullptr;
+  }
+};
+
+inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
+                                  const at::Tensor& logvar, double beta, c10::string_view reduction,
+                                  const std::array<bool, 4>& grad_mask) {
+  LossCall call;
+  call.reduction = parse_reduction(reduction);
+  call.shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
+  call.grad_scale = (call.reduction == Reduction::mean && call.shape.batch > 0)
+                        ? 1.0 / static_cast<double>(call.shape.batch)
+                        : 1.0;
+  call.recon = recon.contiguous();
+  call.x = x.contiguous();
+  call.mu = mu.contiguous();
+  call.logvar = logvar.contiguous();
+  call.grad_recon = maybe_grad_like(recon, grad_mask[0]);
+  call.grad_x = maybe_grad_like(x, grad_mask[1]);
+  call.grad_mu = maybe_grad_like(mu, grad_mask[2]);
+  call.grad_logvar = maybe_grad_like(logvar, grad_mask[3]);
+  return call;
+}
+
 }  // namespace vae_fast

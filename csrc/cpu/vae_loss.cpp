@@ -13,32 +13,27 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
     bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  const Reduction red = parse_reduction(reduction);
-  const LossShape shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
-  const at::Tensor r_c = recon.contiguous(), x_c = x.contiguous(), mu_c = mu.contiguous(),
-                   lv_c = logvar.contiguous();
-  at::Tensor grad_r = maybe_grad_like(recon, grad_mask[0]);
-  at::Tensor grad_x = maybe_grad_like(x, grad_mask[1]);
-  at::Tensor grad_mu = maybe_grad_like(mu, grad_mask[2]);
-  at::Tensor grad_lv = maybe_grad_like(logvar, grad_mask[3]);
+  const LossCall call = prepare_loss_call(recon, x, mu, logvar, beta, reduction, grad_mask);
+  const Reduction red = call.reduction;
+  const LossShape& shape = call.shape;
 
   std::vector<double> row_loss(shape.batch);
   LossProblem p;
   p.dtype = recon.scalar_type();
-  p.recon = r_c.const_data_ptr();
-  p.target = x_c.const_data_ptr();
-  p.mu = mu_c.const_data_ptr();
-  p.logvar = lv_c.const_data_ptr();
-  p.grad_recon = grad_mask[0] ? grad_r.mutable_data_ptr() : nullptr;
-  p.grad_target = grad_mask[1] ? grad_x.mutable_data_ptr() : nullptr;
-  p.grad_mu = grad_mask[2] ? grad_mu.mutable_data_ptr() : nullptr;
-  p.grad_logvar = grad_mask[3] ? grad_lv.mutable_data_ptr() : nullptr;
+  p.recon = call.recon.const_data_ptr();
+  p.target = call.x.const_data_ptr();
+  p.mu = call.mu.const_data_ptr();
+  p.logvar = call.logvar.const_data_ptr();
+  p.grad_recon = call.grad_ptr(call.grad_recon, grad_mask[0]);
+  p.grad_target = call.grad_ptr(call.grad_x, grad_mask[1]);
+  p.grad_mu = call.grad_ptr(call.grad_mu, grad_mask[2]);
+  p.grad_logvar = call.grad_ptr(call.grad_logvar, grad_mask[3]);
   p.batch = shape.batch;
   p.features = shape.features;
   p.latents = shape.latents;
   p.logits = logits;
   p.beta = beta;
-  p.grad_scale = (red == Reduction::mean && shape.batch > 0) ? 1.0 / static_cast<double>(shape.batch) : 1.0;
+  p.grad_scale = call.grad_scale;
   p.row_loss = row_loss.data();
   p.check_recon_range = !logits;
 
@@ -62,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     if (red == Reduction::mean) total /= static_cast<double>(shape.batch);  // empty batch: NaN, as torch.mean
     loss = at::scalar_tensor(total, recon.options().dtype(out_dtype));
   }
-  return {loss, grad_r, grad_x, grad_mu, grad_lv};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar};
 }
 
 TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {

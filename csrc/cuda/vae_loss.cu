@@ -161,15 +161,10 @@ void launch_loss(const LossArgs<scalar_t>& args, bool logits, bool vectorized, R
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
     bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  const Reduction red = parse_reduction(reduction);
-  const LossShape shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
+  const LossCall call = prepare_loss_call(recon, x, mu, logvar, beta, reduction, grad_mask);
+  const Reduction red = call.reduction;
+  const LossShape& shape = call.shape;
   const c10::cuda::CUDAGuard device_guard(recon.device());
-  const at::Tensor r_c = recon.contiguous(), x_c = x.contiguous(), mu_c = mu.contiguous(),
-                   lv_c = logvar.contiguous();
-  at::Tensor grad_r = maybe_grad_like(recon, grad_mask[0]);
-  at::Tensor grad_x = maybe_grad_like(x, grad_mask[1]);
-  at::Tensor grad_mu = maybe_grad_like(mu, grad_mask[2]);
-  at::Tensor grad_lv = maybe_grad_like(logvar, grad_mask[3]);
 
   const int64_t chunks_per_row = std::max<int64_t>(1, (shape.features + kChunk - 1) / kChunk);
   const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
@@ -179,20 +174,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_fast::vae_loss (CUDA)", [&] {
     LossArgs<scalar_t> args;
-    args.recon = r_c.const_data_ptr<scalar_t>();
-    args.target = x_c.const_data_ptr<scalar_t>();
-    args.mu = mu_c.const_data_ptr<scalar_t>();
-    args.logvar = lv_c.const_data_ptr<scalar_t>();
-    args.grad_recon = grad_mask[0] ? grad_r.mutable_data_ptr<scalar_t>() : nullptr;
-    args.grad_target = grad_mask[1] ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    args.grad_mu = grad_mask[2] ? grad_mu.mutable_data_ptr<scalar_t>() : nullptr;
-    args.grad_logvar = grad_mask[3] ? grad_lv.mutable_data_ptr<scalar_t>() : nullptr;
+    args.recon = call.recon.const_data_ptr<scalar_t>();
+    args.target = call.x.const_data_ptr<scalar_t>();
+    args.mu = call.mu.const_data_ptr<scalar_t>();
+    args.logvar = call.logvar.const_data_ptr<scalar_t>();
+    args.grad_recon = call.grad_ptr<scalar_t>(call.grad_recon, grad_mask[0]);
+    args.grad_target = call.grad_ptr<scalar_t>(call.grad_x, grad_mask[1]);
+    args.grad_mu = call.grad_ptr<scalar_t>(call.grad_mu, grad_mask[2]);
+    args.grad_logvar = call.grad_ptr<scalar_t>(call.grad_logvar, grad_mask[3]);
     args.batch = shape.batch;
     args.features = shape.features;
     args.latents = shape.latents;
     args.chunks_per_row = chunks_per_row;
     args.beta = beta;
-    args.grad_scale = (red == Reduction::mean && shape.batch > 0) ? 1.0 / static_cast<double>(shape.batch) : 1.0;
+    args.grad_scale = call.grad_scale;
     constexpr int64_t kPackBytes = 16;
     const bool vectorized = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0 &&
                             aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
@@ -200,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
                             (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
     launch_loss<scalar_t>(args, logits, vectorized, red, partial, loss);
   });
-  return {loss, grad_r, grad_x, grad_mu, grad_lv};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar};
 }
 
 }  // namespace
