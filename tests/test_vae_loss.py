@@ -361,3 +361,21 @@ def test_scale_by_grad_output_op():
         scaled = grad.clone()
         torch.ops.vae_fast.scale_by_grad_output_(scaled, factor)
         assert torch.equal(scaled, grad * factor)
+
+
+@pytest.mark.parametrize("case", ["tiny", "near_one", "denormal"])
+def test_extreme_probabilities(case):
+    # exercises the inline AVX2 log/log1p over the whole float range, denormals included
+    g = torch.Generator().manual_seed(2)
+    if case == "tiny":
+        p = torch.exp(-torch.empty(64, 700).uniform_(0, 80, generator=g))
+    elif case == "near_one":
+        p = 1 - torch.exp(-torch.empty(64, 700).uniform_(0, 16, generator=g))
+    else:
+        p = torch.empty(64, 700).uniform_(1e-44, 1e-38, generator=g)
+    for x in (torch.zeros_like(p), torch.ones_like(p), torch.rand(p.shape, generator=g)):
+        inputs = [p, x, torch.zeros(64, 2), torch.zeros(64, 2)]
+        loss, grads = loss_and_grads(vae_fast.vae_loss, inputs, reduction="none")
+        ref_loss, ref_grads = loss_and_grads(reference.vae_loss, [t.double() for t in inputs], reduction="none")
+        assert relative_error(loss, ref_loss) <= 1e-5
+        assert relative_error(grads[0], ref_grads[0]) <= 1e-5
