@@ -122,6 +122,7 @@ def test_rounds_interleave_and_rotate_the_starting_implementation():
 
 
 def test_cli_parses_bench():
-    args = build_parser().parse_args(["bench", "--quick", "--device", "cpu", "--out", "somewhere"])
-    assert (args.quick, args.device, args.out) == (True, "cpu", "somewhere")
-    assert build_parser().parse_args(["bench"]).device is None
+    args = build_parser().parse_args(["bench", "--quick", "--device", "cpu", "--out", "somewhere", "--threads", "1"])
+    assert (args.quick, args.device, args.out, args.threads) == (True, "cpu", "somewhere", 1)
+    defaults = build_parser().parse_args(["bench"])
+    assert defaults.device is None and defaults.threads is None

@@ -19,7 +19,7 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(args.device, quick=args.quick, out_dir=args.out)
+    return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads)
 
 
 def _default_device() -> str:
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the foundation targets' size only, under a minute on a CPU")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: the CPU, then CUDA when present")
     bench.add_argument("--out", default="benchmarks/results", help="folder for <device>-<date>.md/.json/.png")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); fewer on a busy machine")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -276,15 +276,24 @@ def default_devices() -> list[str]:
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
-def run_bench(device: str | None = None, *, quick: bool = False, out_dir: str | os.PathLike = DEFAULT_OUT) -> int:
+def run_bench(
+    device: str | None = None, *, quick: bool = False, out_dir: str | os.PathLike = DEFAULT_OUT, threads: int | None = None
+) -> int:
     """`vae-fast bench`: for each device, the Markdown table on stdout and the .md/.json/.png files
-    in out_dir. Returns the process exit status: 1 when a case failed, 2 for an unusable device."""
+    in out_dir. `threads` sets torch's CPU threads (default: torch's choice); on a shared machine
+    fewer threads than cores keeps parallel regions from stalling behind other processes.
+    Returns the process exit status: 1 when a case failed, 2 for an unusable device or thread count."""
     from .plot import write_plot
     from .report import result_stem, to_markdown, write_json
 
     if device == "cuda" and not torch.cuda.is_available():
         print("vae-fast bench: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
         return 2
+    if threads is not None:
+        if threads < 1:
+            print(f"vae-fast bench: --threads must be at least 1, got {threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
