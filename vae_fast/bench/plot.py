@@ -43,8 +43,9 @@ def write_plot(report: dict, path: Path) -> None:
     grid_rows = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.4 * grid_rows + 0.6), squeeze=False)
     axes = axes.ravel()
-    # Values next to the points while a panel holds few lines (CPU); on a GPU's 3 dtypes they would overlap.
-    label_points = len(latents) * len(dtypes) <= 2
+    # Values next to the points of one line per baseline only (the first latent size and dtype);
+    # labels of lines that run close together would print over each other.
+    labelled = (latents[0], dtypes[0]) if latents else None
     for ax, (op, pass_) in zip(axes, panels):
         for key, (color, _) in BASELINE_COLORS.items():
             for latent_index, latent in enumerate(latents):
@@ -59,7 +60,7 @@ def write_plot(report: dict, path: Path) -> None:
                         xs, ys = zip(*points)
                         ax.plot(xs, ys, color=color, linestyle=LINE_STYLES[latent_index % len(LINE_STYLES)],
                                 marker=MARKERS.get(dtype, "x"), markersize=5)
-                        if label_points:
+                        if (latent, dtype) == labelled:
                             for x, y in points:
                                 ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=LABEL_OFFSETS[key],
                                             fontsize=7, color=color)
@@ -90,7 +91,11 @@ def write_plot(report: dict, path: Path) -> None:
         ax.axis("off")
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
-    fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784")
+    threads = machine["torch_threads"]
+    if report["device"] == "cpu":
+        where += f", {threads} torch thread{'s' if threads != 1 else ''}"
+    numbers = f"numbers for L={labelled[0]} {labelled[1]}" if labelled else ""
+    fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784; {numbers}")
     fig.tight_layout(rect=(0, 0.05, 1, 1))  # the bottom strip is the legend's
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -120,7 +120,8 @@ def busy_machine_warning(report: dict) -> str | None:
         return None
     return (
         f"the load average reached {max(loads):.1f} on {report['machine']['cpu_cores']} cores while this run used "
-        f"{own_threads} threads: other processes competed for the CPU, so these timings are noisier than usual."
+        f"{own_threads} thread{'s' if own_threads != 1 else ''}: other processes competed for the CPU, so these "
+        "timings are noisier than usual."
     )
 
 
@@ -128,13 +129,14 @@ def _header(report: dict) -> list[str]:
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
     backend = report["backend"]
+    threads = machine["torch_threads"]
     lines = [
         f"# vae_fast benchmark: {report['device']} ({where})",
         "",
         f"{report['date']}; vae_fast {report['versions']['vae_fast']}"
         + (f" ({report['versions']['git']})" if report["versions"].get("git") else "")
         + f", torch {report['versions']['torch']}, "
-        f"{machine['torch_threads']} torch threads; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
+        f"{threads} torch thread{'s' if threads != 1 else ''}; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
         f"Copy bandwidth (`dst.copy_(src)`, {report['plan']['copy_buffer_bytes'] // 2**20} MiB, same run): "
         f"**{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",
         "",
