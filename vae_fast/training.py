@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
 
 from . import reference
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
@@ -171,8 +172,6 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     sampler = DistributedSampler(range(len(train_x)), num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     local_batch = config.batch_size // world
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
-
-    from tqdm.auto import tqdm
 
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
