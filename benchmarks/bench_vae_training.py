@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -123,7 +124,9 @@ def report(result: dict) -> str:
     lines = [
         f"# Drop-in VAE training, CPU, {datetime.date.today().isoformat()}",
         "",
-        f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; vae_fast {vae_fast.__version__}.",
+        f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; vae_fast {vae_fast.__version__}. "
+        f"Load average (1/5/15 min) at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}: other processes shared "
+        "the machine; epochs much slower than the fastest ran under their load, which the interleaving spreads over all variants.",
         f"Data: MNIST test files, {result['train']} train / {result['test']} held out; batch {BATCH_SIZE}, Adam lr {LR}; "
         f"{result['epochs']} epochs, the variants' steps interleaved; epoch time = sum of its steps.",
         "",

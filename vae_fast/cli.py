@@ -29,13 +29,13 @@ def _default_device() -> str:
 
 
 def _report_user_errors(command: str, run) -> int:
-    """Run a command; a user-facing error (bad argument, data, checkpoint, diverged loss) becomes
-    one line on stderr and exit status 2 instead of a traceback."""
+    """Run a command; a user-facing error (bad argument, data, checkpoint, diverged loss, a file
+    that cannot be written) becomes one line on stderr and exit status 2 instead of a traceback."""
     from .training import TrainingDiverged
 
     try:
         run()
-    except (ValueError, TrainingDiverged) as error:
+    except (ValueError, OSError, TrainingDiverged) as error:
         print(f"vae-fast {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
