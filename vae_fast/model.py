@@ -125,6 +125,8 @@ class VAE(nn.Module):
         z is sampled in eval mode too, as in the example. Raises ValueError for a wrong input width.
         """
         logits, mu, logvar = self.forward_logits(x)
+        # In place: the decoder's last Linear does not need its output for backward, so its buffer
+        # can hold the probabilities (one [B, D] allocation fewer per step).
         return logits.sigmoid_(), mu, logvar
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -225,7 +225,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
             _write_metrics(out_dir, history)
             if config.progress:
                 print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
-                      f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.1f}s]")
+                      f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.2f}s]")
 
     if rank == 0 and config.images and history:
         from .plots import save_training_images
