@@ -151,14 +151,16 @@ VAE_HD Philox4 philox4x32_10(uint64_t seed, uint64_t offset, uint64_t subsequenc
 }
 
 // Uniforms from 32 random bits: (0, 1] for the logarithm (never log 0), [0, 1) for the angle.
+// float keeps the top 24 bits so that the value is exact (no rounding up to 1 from below), which
+// also lets the CPU's SIMD path convert with a signed integer instruction and get the same bits.
+VAE_HD float uniform_open_closed(uint32_t bits, float) { return static_cast<float>((bits >> 8) + 1u) * 5.9604644775390625e-8f; }
+VAE_HD float uniform_closed_open(uint32_t bits, float) { return static_cast<float>(bits >> 8) * 5.9604644775390625e-8f; }
+VAE_HD double uniform_open_closed(uint32_t bits, double) { return (static_cast<double>(bits) + 1.0) * 2.3283064365386963e-10; }
+VAE_HD double uniform_closed_open(uint32_t bits, double) { return static_cast<double>(bits) * 2.3283064365386963e-10; }
 template <typename S>
-VAE_HD S uniform_open_closed(uint32_t bits) {
-  return (static_cast<S>(bits) + S(1)) * S(2.3283064365386963e-10);
-}
+VAE_HD S uniform_open_closed(uint32_t bits) { return uniform_open_closed(bits, S()); }
 template <typename S>
-VAE_HD S uniform_closed_open(uint32_t bits) {
-  return static_cast<S>(bits) * S(2.3283064365386963e-10);
-}
+VAE_HD S uniform_closed_open(uint32_t bits) { return uniform_closed_open(bits, S()); }
 
 // Box-Muller: two uniforms give two independent standard normals.
 template <typename T>

@@ -3,6 +3,7 @@ serves the device, else the pure-torch reference (`vae_fast.reference`)."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -21,21 +22,22 @@ def _require_float_tensor(fn: str, name: str, value) -> None:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got dtype {value.dtype}")
 
 
-def _common_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Mixed float dtypes (e.g. a bf16 decoder output against float32 data) are promoted once here;
     the kernels take a single dtype."""
     dtype = tensors[0].dtype
+    if all(t.dtype == dtype for t in tensors):  # the common case costs no promotion lookups
+        return tensors
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
-    return [t.to(dtype) for t in tensors]
+    return tuple(t.to(dtype) for t in tensors)
 
 
-def _check_same_device(fn: str, named: dict[str, torch.Tensor]) -> None:
-    devices = {name: t.device for name, t in named.items()}
-    first_name, first = next(iter(devices.items()))
-    for name, device in devices.items():
-        if device != first:
-            raise ValueError(f"{fn}: {name} is on {device} but {first_name} is on {first}")
+def _check_same_device(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    first = tensors[0].device
+    for name, t in zip(names, tensors):
+        if t.device != first:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {names[0]} is on {first}")
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -54,7 +56,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
         _require_float_tensor("reparameterize", name, value)
     if mu.shape != logvar.shape:
         raise ValueError(f"reparameterize: mu and logvar must have the same shape, got {tuple(mu.shape)} and {tuple(logvar.shape)}")
-    _check_same_device("reparameterize", {"mu": mu, "logvar": logvar})
+    _check_same_device("reparameterize", ("mu", "logvar"), (mu, logvar))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"reparameterize: generator must be a torch.Generator or None, got {type(generator).__name__}")
     mu, logvar = _common_dtype(mu, logvar)
@@ -63,8 +65,11 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
     return torch.ops.vae_fast.reparameterize(mu, logvar, generator)
 
 
+_LOSS_ARGS = ("recon", "x", "mu", "logvar")
+
+
 def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
-    for name, value in (("recon", recon), ("x", x), ("mu", mu), ("logvar", logvar)):
+    for name, value in zip(_LOSS_ARGS, (recon, x, mu, logvar)):
         _require_float_tensor("vae_loss", name, value)
     if recon.dim() == 0:
         raise ValueError("vae_loss: recon must have a batch dimension, got a 0-d tensor")
@@ -74,8 +79,8 @@ def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
             raise ValueError(
                 f"vae_loss: {name} must have batch size {batch} (recon.shape[0]), got shape {tuple(value.shape)}"
             )
-    per_sample = int(torch.Size(recon.shape[1:]).numel())
-    x_per_sample = int(torch.Size(x.shape[1:]).numel())
+    per_sample = math.prod(recon.shape[1:])
+    x_per_sample = math.prod(x.shape[1:])
     if per_sample != x_per_sample:
         raise ValueError(
             f"vae_loss: recon has {per_sample} elements per sample but x has {x_per_sample} "
@@ -83,10 +88,11 @@ def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
         )
     if mu.shape != logvar.shape:
         raise ValueError(f"vae_loss: mu and logvar must have the same shape, got {tuple(mu.shape)} and {tuple(logvar.shape)}")
-    _check_same_device("vae_loss", {"recon": recon, "x": x, "mu": mu, "logvar": logvar})
+    _check_same_device("vae_loss", _LOSS_ARGS, (recon, x, mu, logvar))
     if isinstance(beta, torch.Tensor) and beta.numel() == 1:
         beta = beta.item()
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+    # type() first: the common float/int case skips the slower abstract-class check
+    if type(beta) not in (float, int) and (isinstance(beta, bool) or not isinstance(beta, numbers.Real)):
         raise TypeError(f"vae_loss: beta must be a real number, got {type(beta).__name__}")
     if not beta >= 0:  # also rejects NaN
         raise ValueError(f"vae_loss: beta must be a non-negative number, got {beta}")

@@ -232,6 +232,40 @@ LossDomainErrors vae_loss(const LossProblem& p) {
   return errors;
 }
 
+// Uniforms of Philox blocks first .. first+n-1: radius/angle from word pair (0, 1) into
+// rad_a/ang_a, from pair (2, 3) into rad_b/ang_b.
+template <typename acc_t>
+void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, acc_t* rad_a, acc_t* ang_a,
+                     acc_t* rad_b, acc_t* ang_b) {
+  int64_t k = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    k = avx2_detail::philox_uniforms_x8(seed, offset, first, n, rad_a, ang_a, rad_b, ang_b);
+  }
+#endif
+  for (; k < n; ++k) {
+    const Philox4 bits = philox4x32_10(seed, offset, first + static_cast<uint64_t>(k));
+    rad_a[k] = uniform_open_closed<acc_t>(bits.v[0]);
+    ang_a[k] = uniform_closed_open<acc_t>(bits.v[1]);
+    rad_b[k] = uniform_open_closed<acc_t>(bits.v[2]);
+    ang_b[k] = uniform_closed_open<acc_t>(bits.v[3]);
+  }
+}
+
+template <typename acc_t>
+void box_muller_span(const acc_t* u_radius, const acc_t* u_angle, int64_t n, acc_t* first, acc_t* second) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    V a, b;
+    box_muller(V::loadu(u_radius + i), V::loadu(u_angle + i), a, b);
+    a.store(first + i);
+    b.store(second + i);
+  }
+  for (; i < n; ++i) box_muller(u_radius[i], u_angle[i], first[i], second[i]);
+}
+
 // Elements handled by one task: a multiple of the 4 normals one Philox block gives.
 constexpr int64_t kNoiseChunk = 1024;
 
@@ -246,38 +280,27 @@ void reparameterize_typed(const ReparameterizeProblem& p) {
   const int64_t n_chunks = (p.numel + kNoiseChunk - 1) / kNoiseChunk;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / (4 * kNoiseChunk));
   at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kPairs = kNoiseChunk / 2;
-    acc_t u_radius[kPairs], u_angle[kPairs], first[kPairs], second[kPairs];
+    constexpr int64_t kBlocks = kNoiseChunk / kNormalsPerPhiloxBlock;
+    acc_t rad_a[kBlocks], ang_a[kBlocks], rad_b[kBlocks], ang_b[kBlocks];
+    acc_t first_a[kBlocks], second_a[kBlocks], first_b[kBlocks], second_b[kBlocks];
     acc_t eps[kNoiseChunk], mu_buf[kNoiseChunk], lv_buf[kNoiseChunk], z_buf[kNoiseChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t start = c * kNoiseChunk;
       const int64_t n = std::min(kNoiseChunk, p.numel - start);
-      const int64_t n_philox = (n + kNormalsPerPhiloxBlock - 1) / kNormalsPerPhiloxBlock;
-      for (int64_t k = 0; k < n_philox; ++k) {
-        const Philox4 bits = philox4x32_10(p.seed, p.offset, static_cast<uint64_t>(start / 4 + k));
-        u_radius[2 * k] = uniform_open_closed<acc_t>(bits.v[0]);
-        u_angle[2 * k] = uniform_closed_open<acc_t>(bits.v[1]);
-        u_radius[2 * k + 1] = uniform_open_closed<acc_t>(bits.v[2]);
-        u_angle[2 * k + 1] = uniform_closed_open<acc_t>(bits.v[3]);
-      }
-      const int64_t n_pairs = 2 * n_philox;
-      int64_t i = 0;
-      for (; i + W <= n_pairs; i += W) {
-        V a, b;
-        box_muller(V::loadu(u_radius + i), V::loadu(u_angle + i), a, b);
-        a.store(first + i);
-        b.store(second + i);
-      }
-      for (; i < n_pairs; ++i) box_muller(u_radius[i], u_angle[i], first[i], second[i]);
-      for (int64_t k = 0; 2 * k < n; ++k) {
-        eps[2 * k] = first[k];
-        if (2 * k + 1 < n) eps[2 * k + 1] = second[k];
+      const int64_t n_blocks = (n + kNormalsPerPhiloxBlock - 1) / kNormalsPerPhiloxBlock;
+      philox_uniforms(p.seed, p.offset, static_cast<uint64_t>(start / kNormalsPerPhiloxBlock), n_blocks, rad_a,
+                      ang_a, rad_b, ang_b);
+      box_muller_span(rad_a, ang_a, n_blocks, first_a, second_a);
+      box_muller_span(rad_b, ang_b, n_blocks, first_b, second_b);
+      for (int64_t k = 0; k < n_blocks; ++k) {
+        const acc_t normals[4] = {first_a[k], second_a[k], first_b[k], second_b[k]};
+        for (int64_t j = 0; j < kNormalsPerPhiloxBlock && 4 * k + j < n; ++j) eps[4 * k + j] = normals[j];
       }
 
       const acc_t* m = as_acc(mu + start, mu_buf, n);
       const acc_t* l = as_acc(lv + start, lv_buf, n);
       acc_t* out = acc_destination(z + start, z_buf);
-      i = 0;
+      int64_t i = 0;
       for (; i + W <= n; i += W) {
         reparameterize_sample(V::loadu(m + i), V::loadu(l + i), V::loadu(eps + i)).store(out + i);
       }
