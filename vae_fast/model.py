@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .functional import link_logits
 from .functional import reparameterize as fused_reparameterize
 
 __all__ = ["VAE"]
@@ -125,9 +126,8 @@ class VAE(nn.Module):
         z is sampled in eval mode too, as in the example. Raises ValueError for a wrong input width.
         """
         logits, mu, logvar = self.forward_logits(x)
-        # In place: the decoder's last Linear does not need its output for backward, so its buffer
-        # can hold the probabilities (one [B, D] allocation fewer per step).
-        return logits.sigmoid_(), mu, logvar
+        # The probabilities remember their logits, so vae_fast's loss takes the logits path on them.
+        return link_logits(torch.sigmoid(logits), logits), mu, logvar
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The deterministic reconstruction decode(mu(x)), probabilities [B, D]."""
