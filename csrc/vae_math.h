@@ -35,6 +35,9 @@ VAE_HD float log_(float v) { return ::logf(v); }
 VAE_HD double log_(double v) { return ::log(v); }
 VAE_HD float log1p_(float v) { return ::log1pf(v); }
 VAE_HD double log1p_(double v) { return ::log1p(v); }
+// 1 / v; vector builds may use a reciprocal estimate refined to ~1 ulp (never for v = 0 or inf).
+VAE_HD float recip_(float v) { return 1.0f / v; }
+VAE_HD double recip_(double v) { return 1.0 / v; }
 // log1p of an argument known to lie in [0, 1]; vector builds may use a cheaper series there.
 VAE_HD float log1p_unit_(float v) { return ::log1pf(v); }
 VAE_HD double log1p_unit_(double v) { return ::log1p(v); }
@@ -69,7 +72,7 @@ VAE_HD BceTerm<T> bce_from_probs(T p, T x) {
   const T log_1mp = clamp_below(log1p_(-p), min_log);
   BceTerm<T> t;
   t.loss = -(x * log_p + (one - x) * log_1mp);
-  t.d_recon = (p - x) / clamp_below(p * (one - p), min_denominator);
+  t.d_recon = (p - x) * recip_(clamp_below(p * (one - p), min_denominator));
   t.d_target = log_1mp - log_p;
   return t;
 }
@@ -82,7 +85,7 @@ template <typename T>
 VAE_HD BceTerm<T> bce_from_logits(T r, T x) {
   const T one(1);
   const T e = exp_(-abs_(r));
-  const T big = one / (one + e);  // sigmoid(|r|)
+  const T big = recip_(one + e);  // sigmoid(|r|), 1 + e in [1, 2]
   const T small = e * big;        // sigmoid(-|r|)
   BceTerm<T> t;
   t.loss = select_nonneg(r, (one - x) * r, -(x * r)) + log1p_unit_(e);

@@ -98,17 +98,23 @@ void bce_span(const acc_t* r, const acc_t* x, int64_t n, acc_t* grad_r, acc_t* g
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
   const V zero(acc_t(0)), one(acc_t(1)), vscale(scale);
+  // Register copies: updating `acc` through the reference would go through memory on every
+  // iteration (the stores to grad_r may alias it), a store-to-load chain that halved the speed.
+  V loss = acc.loss, recon_bad = acc.recon_bad, target_bad = acc.target_bad;
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const V rv = V::loadu(r + i);
     const V xv = V::loadu(x + i);
     const BceTerm<V> t = bce_term<kLogits>(rv, xv);
-    acc.loss = acc.loss + t.loss;
+    loss = loss + t.loss;
     if (grad_r) (t.d_recon * vscale).store(grad_r + i);
     if (grad_x) (t.d_target * vscale).store(grad_x + i);
-    acc.target_bad = acc.target_bad | (xv < zero) | (xv > one);
-    if constexpr (!kLogits) acc.recon_bad = acc.recon_bad | (rv < zero) | (rv > one);
+    target_bad = target_bad | (xv < zero) | (xv > one);
+    if constexpr (!kLogits) recon_bad = recon_bad | (rv < zero) | (rv > one);
   }
+  acc.loss = loss;
+  acc.recon_bad = recon_bad;
+  acc.target_bad = target_bad;
   for (; i < n; ++i) {
     const BceTerm<acc_t> t = bce_term<kLogits>(r[i], x[i]);
     acc.tail_loss += t.loss;

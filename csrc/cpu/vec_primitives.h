@@ -21,6 +21,7 @@ template <typename S> inline Vec<S> sqrt_(const Vec<S>& v) { return v.sqrt(); }
 template <typename S> inline Vec<S> sin_(const Vec<S>& v) { return v.sin(); }
 template <typename S> inline Vec<S> cos_(const Vec<S>& v) { return v.cos(); }
 template <typename S> inline Vec<S> abs_(const Vec<S>& v) { return v.abs(); }
+template <typename S> inline Vec<S> recip_(const Vec<S>& v) { return v.reciprocal(); }
 template <typename S>
 inline Vec<S> clamp_below(const Vec<S>& v, const Vec<S>& lo) {
   return Vec<S>::blendv(v, lo, v < lo);  // a NaN compares false and stays
