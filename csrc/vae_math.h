@@ -35,6 +35,9 @@ VAE_HD float log_(float v) { return ::logf(v); }
 VAE_HD double log_(double v) { return ::log(v); }
 VAE_HD float log1p_(float v) { return ::log1pf(v); }
 VAE_HD double log1p_(double v) { return ::log1p(v); }
+// exp of an argument known to be <= 0 (or NaN); vector builds may flush results below FLT_MIN to 0.
+VAE_HD float exp_nonpos_(float v) { return ::expf(v); }
+VAE_HD double exp_nonpos_(double v) { return ::exp(v); }
 // 1 / v; vector builds may use a reciprocal estimate refined to ~1 ulp (never for v = 0 or inf).
 VAE_HD float recip_(float v) { return 1.0f / v; }
 VAE_HD double recip_(double v) { return 1.0 / v; }
@@ -84,7 +87,7 @@ VAE_HD BceTerm<T> bce_from_probs(T p, T x) {
 template <typename T>
 VAE_HD BceTerm<T> bce_from_logits(T r, T x) {
   const T one(1);
-  const T e = exp_(-abs_(r));
+  const T e = exp_nonpos_(-abs_(r));
   const T big = recip_(one + e);  // sigmoid(|r|), 1 + e in [1, 2]
   const T small = e * big;        // sigmoid(-|r|)
   BceTerm<T> t;

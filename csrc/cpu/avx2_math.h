@@ -57,6 +57,24 @@ inline __m256 recip(__m256 v) {
   return _mm256_mul_ps(r, _mm256_fnmadd_ps(v, r, _mm256_set1_ps(2.0f)));
 }
 
+// exp(x) for x <= 0 (the softplus tail exp(-|r|)): no overflow side, and results below FLT_MIN
+// (x < -87.34) flushed to 0, an absolute error under 1.2e-38; a third fewer instructions than exp.
+inline __m256 exp_nonpos(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
+  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 p = poly(r, {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                            1.6666665459e-1f, 5.0000001201e-1f});
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  __m256 result = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  result = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), result);
+  return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
 inline __m256 log(__m256 x) {
   // Denormals are scaled into the normal range first (their log is above the loss's -100 clamp).
   const __m256 is_denormal = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
@@ -168,6 +186,7 @@ inline Vec<float> exp_(const Vec<float>& v) { return Vec<float>(avx2_detail::exp
 inline Vec<float> log_(const Vec<float>& v) { return Vec<float>(avx2_detail::log(v)); }
 inline Vec<float> log1p_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1p(v)); }
 inline Vec<float> log1p_unit_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1p_unit(v)); }
+inline Vec<float> exp_nonpos_(const Vec<float>& v) { return Vec<float>(avx2_detail::exp_nonpos(v)); }
 inline Vec<float> recip_(const Vec<float>& v) { return Vec<float>(avx2_detail::recip(v)); }
 
 }  // namespace VAE_FAST_ISA

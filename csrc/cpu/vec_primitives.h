@@ -14,6 +14,7 @@ using Vec = at::vec::Vectorized<S>;
 
 template <typename S> inline Vec<S> exp_(const Vec<S>& v) { return v.exp(); }
 template <typename S> inline Vec<S> expm1_(const Vec<S>& v) { return v.expm1(); }
+template <typename S> inline Vec<S> exp_nonpos_(const Vec<S>& v) { return v.exp(); }
 template <typename S> inline Vec<S> log_(const Vec<S>& v) { return v.log(); }
 template <typename S> inline Vec<S> log1p_(const Vec<S>& v) { return v.log1p(); }
 template <typename S> inline Vec<S> log1p_unit_(const Vec<S>& v) { return v.log1p(); }
