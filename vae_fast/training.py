@@ -196,7 +196,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
             optimizer.step()
             loss_sum, kl_sum, seen = loss_sum + batch_loss, kl_sum + batch_kl, seen + int(batch_n)
             recon_sum += batch_loss - beta * batch_kl
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            # refresh=False: shown at the bar's next refresh, with the right step count
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
         bar.close()
 
         model.eval()
