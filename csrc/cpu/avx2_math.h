@@ -33,17 +33,24 @@ inline __m256 scale_by_pow2(__m256 y, __m256 n) {
   return _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
 }
 
-inline __m256 exp(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.72283935546875f);  // above: +inf
-  const __m256 lo = _mm256_set1_ps(-103.97208f);          // below: 0
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// exp(xc) = y * 2^n with y from the Cephes polynomial on xc - n ln2 (ln2 split in two parts so
+// the reduction is exact); the callers clamp xc and build 2^n for their own ranges.
+inline __m256 exp_mantissa(__m256 xc, __m256& n) {
+  n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   const __m256 p = poly(r, {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
                             1.6666665459e-1f, 5.0000001201e-1f});
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  return _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+}
+
+inline __m256 exp(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.72283935546875f);  // above: +inf
+  const __m256 lo = _mm256_set1_ps(-103.97208f);          // below: 0
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n;
+  const __m256 y = exp_mantissa(xc, n);
   __m256 result = scale_by_pow2(y, n);
   result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
   result = _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
@@ -62,13 +69,8 @@ inline __m256 recip(__m256 v) {
 inline __m256 exp_nonpos(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN)
   const __m256 xc = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  const __m256 p = poly(r, {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                            1.6666665459e-1f, 5.0000001201e-1f});
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  __m256 n;
+  const __m256 y = exp_mantissa(xc, n);
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   __m256 result = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
   result = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), result);
