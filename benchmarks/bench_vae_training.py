@@ -1,6 +1,6 @@
 """Drop-in training benchmark: the PyTorch examples' VAE and loss against `vae_fast.VAE` +
 `vae_fast.loss_function`, in the example's setup (batch 128, Adam lr 1e-3), on real MNIST digits
-(8,000 train / 2,000 held out from the 10,000-image test files).
+(8,000 train / 2,000 held out from the 10,000-image test files), on the CPU or a GPU.
 
 Both start from the same weights and see the same batches in the same order. They train side by
 side in one process, interleaved step by step (the first to run rotates), so bursts of load from
@@ -8,10 +8,15 @@ other processes on the machine hit all variants alike; an epoch's time is the su
 steps (forward, loss, backward, optimizer step), and the speedup is the ratio of median epoch
 times. Batches are slices of an in-memory tensor, identical for all variants (data loading,
 the same for all, is left out).
+On a GPU each step ends in a synchronization, as the example's loop does (its `loss.item()`), and
+two more variants run: the whole step (forward, loss, backward, Adam) of vae_fast and of the example
+captured in a CUDA graph and replayed, one launch per step: the strongest baseline a GPU user has
+without writing kernels.
 The held-out loss is the mean per-image negative ELBO (the example's loss) after each epoch, with
 the same posterior noise for every model.
 
     python benchmarks/bench_vae_training.py [--epochs 10] [--data-dir ../shared/data/mnist] [--out benchmarks/results]
+                                            [--device cuda] [--batch-sizes 128,1024]
 """
 
 from __future__ import annotations
@@ -63,12 +68,78 @@ def _step_logits(model: VAE):
     return step
 
 
-def _timed_step(step, optimizer, x) -> float:
+class EagerStep:
+    """One training step as the example writes it."""
+
+    def __init__(self, loss_of_batch, model):
+        self.loss_of_batch = loss_of_batch
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+
+    def __call__(self, x):
+        self.optimizer.zero_grad()
+        self.loss_of_batch(x).backward()
+        self.optimizer.step()
+
+
+class CapturedStep:
+    """The whole step replayed from a CUDA graph (PyTorch's "whole network capture"): one graph per
+    batch shape, since an epoch's last batch is smaller. Capturing runs a few warm-up steps; the
+    model's weights and Adam's state are put back afterwards, so the captured variant trains on
+    exactly the same steps as the others."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, loss_of_batch, model):
+        self.loss_of_batch = loss_of_batch
+        self.params = list(model.parameters())
+        # capturable=True keeps Adam's step count on the device, so no host sync inside the graph.
+        self.optimizer = torch.optim.Adam(self.params, lr=LR, capturable=True)
+        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    def _step(self, x):
+        self.loss_of_batch(x).backward()
+        self.optimizer.step()
+
+    def _capture(self, x):
+        saved_params = [p.detach().clone() for p in self.params]
+        saved_state = {id(t): t.clone() for state in self.optimizer.state.values() for t in state.values()
+                       if torch.is_tensor(t)}
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self._step(static_x)
+        # In place, so the graph keeps pointing at the same tensors; state Adam created while warming
+        # up did not exist before: zero is its fresh value.
+        with torch.no_grad():
+            for param, saved in zip(self.params, saved_params):
+                param.copy_(saved)
+            for state in self.optimizer.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t):
+                        t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
+        return static_x, graph
+
+    def __call__(self, x):
+        if x.shape not in self.graphs:
+            self.graphs[x.shape] = self._capture(x)
+        static_x, graph = self.graphs[x.shape]
+        static_x.copy_(x)
+        graph.replay()
+
+
+def _timed_step(step, x) -> float:
     start = time.perf_counter()
-    optimizer.zero_grad()
-    loss = step(x)
-    loss.backward()
-    optimizer.step()
+    step(x)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - start
 
 
@@ -80,33 +151,49 @@ def _held_out_loss(model, test_x: torch.Tensor, eps: torch.Tensor) -> float:
     return example_loss_function(recon, test_x, mu, logvar).item() / len(test_x)
 
 
-def run(epochs: int, data_dir: Path, seed: int = 0) -> dict:
-    data = load_dataset("mnist", data_dir=data_dir, seed=seed, download_url=None)
-    torch.manual_seed(seed)
-    example = ExampleVAE()
-    drop_in, logits_path = _vae_from_example(example), _vae_from_example(example)
-    variants = {
-        "example VAE + example loss_function": (example, _step_drop_in(example, example_loss_function)),
-        "vae_fast.VAE + vae_fast.loss_function (drop-in)": (drop_in, _step_drop_in(drop_in, vae_fast.loss_function)),
-        "vae_fast.VAE.forward_logits + vae_loss(logits=True)": (logits_path, _step_logits(logits_path)),
+def _variants(device: torch.device) -> dict:
+    """name -> (model, step). The first is the baseline every ratio is taken against."""
+    example = ExampleVAE().to(device)
+    variants = {"example VAE + example loss_function": (example, EagerStep)}
+    drop_in, logits_path = _vae_from_example(example).to(device), _vae_from_example(example).to(device)
+    variants["vae_fast.VAE + vae_fast.loss_function (drop-in)"] = (drop_in, EagerStep)
+    variants["vae_fast.VAE.forward_logits + vae_loss(logits=True)"] = (logits_path, EagerStep)
+    if device.type == "cuda":
+        captured_example = ExampleVAE().to(device)
+        captured_example.load_state_dict(example.state_dict())
+        variants["example, whole step captured in a CUDA graph"] = (captured_example, CapturedStep)
+        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), CapturedStep)
+    loss_of_batch = {
+        name: _step_logits(model) if "forward_logits" in name
+        else _step_drop_in(model, example_loss_function if isinstance(model, ExampleVAE) else vae_fast.loss_function)
+        for name, (model, _) in variants.items()
     }
-    optimizers = {name: torch.optim.Adam(model.parameters(), lr=LR) for name, (model, _) in variants.items()}
+    return {name: (model, step_class(loss_of_batch[name], model)) for name, (model, step_class) in variants.items()}
+
+
+def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batch_size: int = BATCH_SIZE) -> dict:
+    device = torch.device(device)
+    data = load_dataset("mnist", data_dir=data_dir, seed=seed, download_url=None)
+    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
+    torch.manual_seed(seed)
+    variants = _variants(device)
     times = {name: [] for name in variants}
     losses = {name: [] for name in variants}
     names = list(variants)
     for epoch in range(epochs):
-        order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed + epoch))
-        batches = [data.train_x[i] for i in order.split(BATCH_SIZE)]
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed + epoch)).to(device)
+        batches = [train_x[i] for i in order.split(batch_size)]
         for name in names:
             times[name].append(0.0)
         for index, x in enumerate(batches):
             for name in names[index % len(names):] + names[: index % len(names)]:
-                times[name][-1] += _timed_step(variants[name][1], optimizers[name], x)
-        eps = torch.randn(len(data.test_x), 20, generator=torch.Generator().manual_seed(seed + 2000 + epoch))
+                times[name][-1] += _timed_step(variants[name][1], x)
+        eps = torch.randn(len(test_x), 20, generator=torch.Generator().manual_seed(seed + 2000 + epoch)).to(device)
         for name in names:
-            losses[name].append(_held_out_loss(variants[name][0], data.test_x, eps))
+            losses[name].append(_held_out_loss(variants[name][0], test_x, eps))
         print(f"epoch {epoch + 1}: " + ", ".join(f"{times[n][-1]:.3f}s/{losses[n][-1]:.2f}" for n in names), flush=True)
-    return {"times": times, "losses": losses, "epochs": epochs, "train": len(data.train_x), "test": len(data.test_x)}
+    return {"times": times, "losses": losses, "epochs": epochs, "train": len(train_x), "test": len(test_x),
+            "device": device, "batch_size": batch_size}
 
 
 def _cpu_name() -> str:
@@ -116,19 +203,24 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _machine(device: torch.device) -> str:
+    cpu = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (host {cpu})"
+    return cpu
+
+
 def report(result: dict) -> str:
+    """One batch size's table: median and fastest epoch, held-out loss, each against the example."""
     names = list(result["times"])
     baseline = statistics.median(result["times"][names[0]])
     baseline_min = min(result["times"][names[0]])
     baseline_loss = result["losses"][names[0]][-1]
     lines = [
-        f"# Drop-in VAE training, CPU, {datetime.date.today().isoformat()}",
+        f"## Batch {result['batch_size']}",
         "",
-        f"Machine: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; vae_fast {vae_fast.__version__}. "
-        f"Load average (1/5/15 min) at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}: other processes shared "
-        "the machine; epochs much slower than the fastest ran under their load, which the interleaving spreads over all variants.",
-        f"Data: MNIST test files, {result['train']} train / {result['test']} held out; batch {BATCH_SIZE}, Adam lr {LR}; "
-        f"{result['epochs']} epochs, the variants' steps interleaved; epoch time = sum of its steps.",
+        f"Data: MNIST test files, {result['train']} train / {result['test']} held out; batch {result['batch_size']}, "
+        f"Adam lr {LR}; {result['epochs']} epochs, the variants' steps interleaved; epoch time = sum of its steps.",
         "",
         "| variant | median epoch (s) | speedup | fastest epoch (s) | speedup | held-out loss after last epoch (nats/image) | vs example |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -137,10 +229,33 @@ def report(result: dict) -> str:
         median = statistics.median(result["times"][name])
         loss = result["losses"][name][-1]
         fastest = min(result["times"][name])
-        lines.append(f"| {name} | {median:.3f} | {baseline / median:.2f}x | {fastest:.3f} | {baseline_min / fastest:.2f}x "
+        lines.append(f"| {name} | {median:.4f} | {baseline / median:.2f}x | {fastest:.4f} | {baseline_min / fastest:.2f}x "
                      f"| {loss:.2f} | {100 * (loss / baseline_loss - 1):+.2f}% |")
-    lines += ["", "Per-epoch times (s): " + "; ".join(f"{n}: " + ", ".join(f"{t:.3f}" for t in result["times"][n]) for n in names)]
+    lines += ["", "Per-epoch times (s): " + "; ".join(f"{n}: " + ", ".join(f"{t:.4f}" for t in result["times"][n]) for n in names)]
     return "\n".join(lines) + "\n"
+
+
+def header(device: torch.device) -> str:
+    kind = "GPU" if device.type == "cuda" else "CPU"
+    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    return "\n".join([
+        f"# Drop-in VAE training, {kind}, {datetime.date.today().isoformat()}",
+        "",
+        f"Machine: {_machine(device)}; torch {torch.__version__}; vae_fast {vae_fast.__version__}. "
+        f"Load average (1/5/15 min) at the end: {load}; epochs much slower than the fastest ran under other "
+        "processes' load, which the interleaving spreads over all variants.",
+        "",
+    ])
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-sizes takes comma-separated whole numbers, got {text!r}") from None
+    if any(size < 1 for size in sizes):
+        raise argparse.ArgumentTypeError(f"--batch-sizes values must be at least 1, got {text!r}")
+    return sizes
 
 
 def main() -> None:
@@ -148,11 +263,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=[BATCH_SIZE], help="e.g. 128,1024")
     args = parser.parse_args()
-    table = report(run(args.epochs, args.data_dir))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device here")
+    sections = [report(run(args.epochs, args.data_dir, device=device, batch_size=size)) for size in args.batch_sizes]
+    table = header(device) + "\n".join(sections)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vae_training-cpu-{datetime.date.today().isoformat()}.md"
+    path = args.out / f"vae_training-{device.type}-{datetime.date.today().isoformat()}.md"
     path.write_text(table)
     print(f"written to {path}")
 

@@ -1,16 +1,71 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): build against that machine's own torch, run the
-# whole test suite (CUDA tests included), then the CUDA benchmark; results are copied to $OUT.
+# whole test suite (CUDA tests included) with compute-sanitizer's memcheck and racecheck over the
+# CUDA tests beside it, then the GPU training benchmark and the CUDA kernel benchmark.
 # The device machine has no network: nothing is installed, the build uses what is there.
-set -euo pipefail
+#
+# Device time is short (about 15 minutes a session, the start included), so every stage has a time
+# limit and the whole script ends inside the tool's 10-minute command limit; a stage that runs out
+# of time is reported and the next one runs. Files go to $OUT (the tool brings back at most 8):
+#   run.log, build.log, tests.log, sanitizer.log, results/{cuda-<date>-selected.md,.json,.png,
+#   vae_training-cuda-<date>.md}
+# MNIST for the training benchmark: $VAE_FAST_MNIST_DIR, else ../shared/data/mnist, else .gpu_data/mnist
+# (copy it there and name .gpu_data in the call's carry: ../shared does not travel).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/vae_fast_out}
-mkdir -p "$out"
+mkdir -p "$out/results"
+exec > >(tee -a "$out/run.log") 2>&1
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+export PATH=$PATH:$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer
 export VAE_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -m vae_fast info | tee "$out/info.txt"
-python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -15
-python3 -m vae_fast bench --device cuda --out "$out/results" 2>&1 | tee "$out/bench.log" | tail -40
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+started=$SECONDS
+stage() { echo "=== [$((SECONDS - started)) s] $*"; }
+ended() {  # ended NAME STATUS: timeout's 124 means the stage ran out of its time
+  if [ "$2" -eq 124 ]; then echo "=== $1: STOPPED at its time limit"; else echo "=== $1: exit $2"; fi
+}
+
+stage "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+
+stage "build"
+timeout 300 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1
+status=$?
+ended build $status
+if [ $status -ne 0 ]; then tail -40 "$out/build.log"; exit 1; fi
+grep -E "registers|spill" "$out/build.log" | sort | uniq -c | sort -rn | head -5
+python3 -m vae_fast info
+
+stage "tests (pytest -n 8) beside compute-sanitizer over the CUDA tests"
+(
+  for tool in memcheck racecheck; do
+    echo "--- compute-sanitizer --tool $tool"
+    # The CUDA tests minus torch.compile (Triton's own kernels) and gradcheck (hundreds of launches):
+    # every kernel of ours still runs, on every dtype and the odd and misaligned sizes.
+    timeout 140 compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+      python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "not compile and not gradcheck and not bitwise" 2>&1 | tail -25
+    echo "--- $tool exit ${PIPESTATUS[0]} (9: errors found, 124: out of time)"
+  done
+) > "$out/sanitizer.log" 2>&1 &
+sanitizer_pid=$!
+timeout 180 python3 -m pytest -q -n 8 -p no:cacheprovider -rfE tests > "$out/tests.log" 2>&1
+ended tests $?
+tail -25 "$out/tests.log"
+wait $sanitizer_pid
+cat "$out/sanitizer.log"
+
+stage "training benchmark (real MNIST, batch 128 and 1024)"
+mnist=${VAE_FAST_MNIST_DIR:-../shared/data/mnist}
+[ -d "$mnist" ] || mnist=.gpu_data/mnist
+timeout 80 python3 benchmarks/bench_vae_training.py --device cuda --batch-sizes 128,1024 --epochs 10 \
+  --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
+ended training-benchmark $?
+
+stage "kernel benchmark (float32, the issue's target sizes)"
+left=$((575 - (SECONDS - started))); [ $left -gt 30 ] || left=30
+timeout $left python3 -m vae_fast bench --device cuda --out "$out/results" \
+  --dtypes float32 --batches 128,65536 --latents 64 --training-batches 128
+ended kernel-benchmark $?
+stage "done"

@@ -126,3 +126,22 @@ def test_cli_parses_bench():
     assert (args.quick, args.device, args.out, args.threads) == (True, "cpu", "somewhere", 1)
     defaults = build_parser().parse_args(["bench"])
     assert defaults.device is None and defaults.threads is None
+
+
+def test_selected_plan_keeps_only_the_given_sizes_and_is_labelled():
+    full = Plan.full_run(torch.device("cpu"))
+    assert full.selected() is full
+    chosen = full.selected(batches=(128,), dtypes=(torch.float32,))
+    assert chosen.batches == (128,) and chosen.latents == full.latents and chosen.label == "selected"
+    report = {"device": "cuda", "date": "2026-11-26 10:00 UTC", "plan": chosen.describe()}
+    assert result_stem(report) == "cuda-2026-11-26-selected"
+    assert result_stem({**report, "plan": full.describe()}) == "cuda-2026-11-26"
+
+
+def test_bench_size_options_parse_and_reject_bad_values(capsys):
+    args = build_parser().parse_args(["bench", "--batches", "128,65536", "--latents", "64", "--dtypes", "float32,bfloat16"])
+    assert args.batches == (128, 65536) and args.latents == (64,) and args.dtypes == (torch.float32, torch.bfloat16)
+    for bad in (["--batches", "12x"], ["--latents", "0"], ["--dtypes", "float64"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["bench", *bad])
+        assert bad[0] in capsys.readouterr().err

@@ -16,10 +16,38 @@ def _info(args) -> int:
     return 0
 
 
+def _positive_ints(flag: str):
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+        if any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"{flag} values must be at least 1, got {text!r}")
+        return values
+
+    return parse
+
+
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _bench_dtypes(text: str):
+    import torch
+
+    names = tuple(text.split(","))
+    unknown = [n for n in names if n not in BENCH_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--dtypes: unknown {', '.join(unknown)} (choose from {', '.join(BENCH_DTYPES)})")
+    return tuple(getattr(torch, n) for n in names)
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads)
+    selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches")
+                 if getattr(args, key) is not None}
+    return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads, selection=selection)
 
 
 def _default_device() -> str:
@@ -138,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: the CPU, then CUDA when present")
     bench.add_argument("--out", default="benchmarks/results", help="folder for <device>-<date>.md/.json/.png")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); fewer on a busy machine")
+    bench.add_argument("--batches", type=_positive_ints("--batches"), help="only these batch sizes, e.g. 128,65536")
+    bench.add_argument("--latents", type=_positive_ints("--latents"), help="only these latent sizes, e.g. 64")
+    bench.add_argument("--dtypes", type=_bench_dtypes, help="only these dtypes, e.g. float32 (CPU runs float32 only)")
+    bench.add_argument("--training-batches", type=_positive_ints("--training-batches"),
+                       help="training-step batch sizes, e.g. 128,1024")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -48,9 +48,10 @@ CPU_TARGETS = (
 
 
 def result_stem(report: dict) -> str:
-    """`<device>-<date>`, with `-quick` for quick runs so they never overwrite a full one."""
+    """`<device>-<date>`, with `-quick` or `-selected` for partial runs so they never overwrite a full one."""
     stem = f"{report['device']}-{report['date'][:10]}"
-    return stem + "-quick" if report["plan"]["quick"] else stem
+    label = report["plan"].get("label", "quick" if report["plan"]["quick"] else "full")
+    return stem if label == "full" else f"{stem}-{label}"
 
 
 def _ms(seconds: float) -> str:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,6 +82,20 @@ class Plan:
             quick=True,
             label="quick",
         )
+
+    def selected(self, *, batches=None, latents=None, dtypes=None, training_batches=None) -> Plan:
+        """This plan restricted to the given sizes (None keeps the plan's own): a run that checks a
+        few targets in minutes instead of the whole grid. Labelled "selected", so its files never
+        overwrite a full run's."""
+        if batches is latents is dtypes is training_batches is None:
+            return self
+        chosen = dict(
+            batches=self.batches if batches is None else tuple(batches),
+            latents=self.latents if latents is None else tuple(latents),
+            dtypes=self.dtypes if dtypes is None else tuple(dtypes),
+            training_batches=self.training_batches if training_batches is None else tuple(training_batches),
+        )
+        return replace(self, **chosen, label="selected")
 
     def describe(self) -> dict:
         described = asdict(self)
@@ -277,11 +291,17 @@ def default_devices() -> list[str]:
 
 
 def run_bench(
-    device: str | None = None, *, quick: bool = False, out_dir: str | os.PathLike = DEFAULT_OUT, threads: int | None = None
+    device: str | None = None,
+    *,
+    quick: bool = False,
+    out_dir: str | os.PathLike = DEFAULT_OUT,
+    threads: int | None = None,
+    selection: dict | None = None,
 ) -> int:
     """`vae-fast bench`: for each device, the Markdown table on stdout and the .md/.json/.png files
     in out_dir. `threads` sets torch's CPU threads (default: torch's choice); on a shared machine
     fewer threads than cores keeps parallel regions from stalling behind other processes.
+    `selection` (keys batches, latents, dtypes, training_batches) restricts the plan to those sizes.
     Returns the process exit status: 1 when a case failed, 2 for an unusable device or thread count."""
     from .plot import write_plot
     from .report import result_stem, to_markdown, write_json
@@ -299,6 +319,7 @@ def run_bench(
     failures = 0
     for name in [device] if device else default_devices():
         plan = Plan.quick_run(torch.device(name)) if quick else Plan.full_run(torch.device(name))
+        plan = plan.selected(**(selection or {}))
 
         def write_tables(report):
             # After every case, so a run cut short (a time limit, a crash) still leaves its rows.
