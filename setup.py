@@ -8,6 +8,7 @@ MAX_JOBS bounds parallel compilation, as in every torch extension.
 
 import glob
 import os
+import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -16,6 +17,36 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent.resolve()
+# Files compiled for one instruction set, with that set's flags added to theirs alone (as PyTorch
+# builds its per-CPU_CAPABILITY files); the run-time check in csrc/cpu/isa.cpp picks among them.
+ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"]}
+
+
+def isa_flags_supported() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and os.name == "posix"
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus per-file compiler flags for ISA_SOURCES (setuptools has only
+    per-extension flags): those files are compiled first with their own flags and linked in as
+    objects. Without the flags (another architecture) they compile as the portable fallback."""
+
+    def build_extension(self, ext):
+        isa_sources = [src for src in ext.sources if src in ISA_SOURCES] if isa_flags_supported() else []
+        for source in isa_sources:
+            cflags = ext.extra_compile_args
+            cxx = (cflags["cxx"] if isinstance(cflags, dict) else list(cflags)) + ISA_SOURCES[source]
+            ext.extra_objects += self.compiler.compile(
+                [source],
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={"cxx": cxx, "nvcc": []} if isinstance(cflags, dict) else cxx,
+                depends=ext.depends,
+            )
+            ext.sources.remove(source)
+        super().build_extension(ext)
 
 
 def cuda_wanted() -> bool:
@@ -72,5 +103,5 @@ def extension():
 setup(
     packages=find_packages(include=["vae_fast", "vae_fast.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

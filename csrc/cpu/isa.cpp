@@ -12,7 +12,9 @@ static Isa detect_isa() {
   if (forced != nullptr && std::strcmp(forced, "generic") == 0) return Isa::generic;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  if (avx2_kernels_built() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::avx2;
 #endif
   return Isa::generic;
 }

@@ -59,6 +59,8 @@ enum class Isa { generic, avx2 };
 // The best instruction set this CPU supports; VAE_FAST_CPU_ISA=generic forces the portable path.
 Isa cpu_isa();
 const char* isa_name(Isa isa);
+// Whether kernels_avx2.cpp was compiled with the AVX2 flags (setup.py adds them on x86-64).
+bool avx2_kernels_built();
 
 #define VAE_FAST_DECLARE_KERNELS(ns)                                       \
   namespace ns {                                                           \
