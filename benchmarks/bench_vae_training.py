@@ -245,6 +245,7 @@ def header(device: torch.device) -> str:
         f"Load average (1/5/15 min) at the end: {load}; epochs much slower than the fastest ran under other "
         "processes' load, which the interleaving spreads over all variants.",
         "",
+        "",
     ])
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): build against that machine's own torch, run the
 # whole test suite (CUDA tests included) with compute-sanitizer's memcheck and racecheck over the
-# CUDA tests beside it, then the GPU training benchmark and the CUDA kernel benchmark.
+# CUDA tests beside it, then the GPU training benchmark, the CUDA kernel benchmark, and the profile
+# of the large cases (kernel device times, CUDA-graph replay, ncu's DRAM throughput and occupancy).
 # The device machine has no network: nothing is installed, the build uses what is there.
 #
 # Device time is short (about 15 minutes a session, the start included), so every stage has a time
@@ -29,9 +30,10 @@ ended() {  # ended NAME STATUS: timeout's 124 means the stage ran out of its tim
 stage "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+echo "C++ compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
 
-stage "build"
-timeout 300 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1
+stage "build (editable install: the extension and the vae-fast console script; no network needed)"
+timeout 300 python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1
 status=$?
 ended build $status
 if [ $status -ne 0 ]; then tail -40 "$out/build.log"; exit 1; fi
@@ -64,8 +66,15 @@ timeout 80 python3 benchmarks/bench_vae_training.py --device cuda --batch-sizes 
 ended training-benchmark $?
 
 stage "kernel benchmark (float32, the issue's target sizes)"
-left=$((575 - (SECONDS - started))); [ $left -gt 30 ] || left=30
+left=$((400 - (SECONDS - started))); [ $left -gt 30 ] || left=30
 timeout $left python3 -m vae_fast bench --device cuda --out "$out/results" \
   --dtypes float32 --batches 128,65536 --latents 64 --training-batches 128
 ended kernel-benchmark $?
+
+stage "profile of the large cases: host-timed call, CUDA-graph replay, kernel device times"
+timeout 90 python3 benchmarks/cuda_profile.py 2>&1 | grep "^|\|copy bandwidth"
+timeout 120 ncu --clock-control none -k 'regex:vae_loss_partials|reparameterize' --launch-count 3 \
+  --section SpeedOfLight --section Occupancy python3 benchmarks/cuda_profile.py --once 2>&1 |
+  grep -E "^  void|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per"
+ended ncu $?
 stage "done"

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import vae_fast
@@ -24,6 +25,26 @@ def test_backend_info_reports_the_extension_on_cpu():
         assert cuda["implementation"] == "extension"
     else:
         assert cuda["implementation"] == "reference" and "without its CUDA kernels" in cuda["reason"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c"} <= _cpu_flags(), reason="this CPU has no AVX2+FMA+F16C (or no /proc/cpuinfo)")
+def test_avx2_kernels_are_built_and_chosen_where_the_cpu_has_them():
+    """setup.py compiles kernels_avx2.cpp with its own -mavx2 flags; if those were lost, the file would
+    quietly build as the portable fallback and every CPU user would run the slow kernels."""
+    if os.environ.get("VAE_FAST_CPU_ISA"):
+        pytest.skip("VAE_FAST_CPU_ISA overrides the choice in this environment")
+    assert vae_fast.backend_info()["extension"]["cpu_isa"] == "avx2"
 
 
 def test_info_command_prints_it():
