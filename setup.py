@@ -4,9 +4,16 @@ The CPU kernels are always built. The CUDA kernels are added when torch is a CUD
 is found (CUDA_HOME or /usr/local/cuda); VAE_FAST_CUDA=0 skips them, VAE_FAST_CUDA=1 makes their
 absence an error. Architectures default to sm_80 and sm_90 (override with TORCH_CUDA_ARCH_LIST);
 MAX_JOBS bounds parallel compilation, as in every torch extension.
+
+The extension uses only CPython's limited API (its module is a stub; the ops go through torch's
+dispatcher), so one wheel serves every CPython >= 3.10 (tag cp310-abi3). It is still tied to the
+torch it was compiled against (torch's C++ ABI changes between releases): the build writes that
+torch's version next to the library (`vae_fast/_build_info.json`), and `import vae_fast` compares it
+with the running torch before loading the library.
 """
 
 import glob
+import json
 import os
 import platform
 from pathlib import Path
@@ -17,6 +24,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent.resolve()
+BUILD_RECORD = "_build_info.json"
 # Files compiled for one instruction set, with that set's flags added to theirs alone (as PyTorch
 # builds its per-CPU_CAPABILITY files); the run-time check in csrc/cpu/isa.cpp picks among them.
 ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"]}
@@ -47,6 +55,37 @@ class BuildExtension(cpp_extension.BuildExtension):
             )
             ext.sources.remove(source)
         super().build_extension(ext)
+        self._write_build_record(ext)
+
+    def _write_build_record(self, ext):
+        """Which torch this library was compiled against, beside the library (build_ext's output and,
+        for in-place and editable builds, the source tree); vae_fast/_extension.py reads it."""
+        with_cuda = ("VAE_FAST_WITH_CUDA", None) in ext.define_macros
+        record = {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda_kernels": with_cuda,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        }
+        write_beside(Path(self.get_ext_fullpath(ext.name)), json.dumps(record, indent=2) + "\n")
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            package = ".".join(ext.name.split(".")[:-1])
+            built = Path(self.build_lib) / self.get_ext_filename(ext.name)
+            in_source = Path(build_py.get_package_dir(package)) / built.name
+            write_beside(in_source, (built.parent / BUILD_RECORD).read_text())
+
+
+def write_beside(library: Path, record: str) -> None:
+    library.with_name(BUILD_RECORD).write_text(record)
+    # A library left by an earlier build under another suffix (e.g. _C.cpython-311-...so from
+    # before the limited API) would be imported before this one: remove it.
+    for stale in library.parent.glob(library.name.split(".", 1)[0] + ".*.so"):
+        if stale != library:
+            stale.unlink()
 
 
 def cuda_wanted() -> bool:
@@ -83,7 +122,8 @@ def extension():
     macros = []
     if not cuda_wanted():
         return cpp_extension.CppExtension(
-            "vae_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, define_macros=macros
+            "vae_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, define_macros=macros,
+            py_limited_api=True,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     macros.append(("VAE_FAST_WITH_CUDA", None))
@@ -97,6 +137,7 @@ def extension():
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
         define_macros=macros,
+        py_limited_api=True,
     )
 
 
@@ -104,4 +145,6 @@ setup(
     packages=find_packages(include=["vae_fast", "vae_fast.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
+    # cp310: the oldest Python pyproject.toml accepts; csrc/ops.cpp defines Py_LIMITED_API to match.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

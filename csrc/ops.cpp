@@ -1,5 +1,9 @@
 // The schemas of vae_fast's custom ops. Kernels register per device in csrc/cpu/ and csrc/cuda/;
 // autograd and fake (meta) kernels are registered from Python in vae_fast/ops.py.
+// CPython's limited API only (setup.py tags the wheel cp310-abi3); torch's build may define it too.
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030A0000
+#endif
 #include <Python.h>
 #include <torch/library.h>
 

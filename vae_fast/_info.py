@@ -34,6 +34,7 @@ def backend_info() -> dict:
             "loaded": ext is not None,
             "load_error": _extension.LOAD_ERROR,
             "path": getattr(ext, "__file__", None),
+            "built_for": _extension.BUILT_FOR,
             "cpu_isa": ext.cpu_isa() if ext is not None else None,
             "cuda_compiled": _extension.cuda_kernels_compiled(),
         },
@@ -55,6 +56,10 @@ def format_backend_info(info: dict) -> str:
     ]
     if ext["loaded"]:
         lines.append(f"  CPU kernels: {ext['cpu_isa']}   CUDA kernels compiled in: {'yes' if ext['cuda_compiled'] else 'no'}")
+    built = ext.get("built_for")
+    if built:
+        cuda = f", CUDA {built['torch_cuda']}" if built.get("torch_cuda") else ""
+        lines.append(f"  built for torch {built['torch']}{cuda}")
     for device, entry in info["devices"].items():
         name = f" ({entry['name']})" if entry.get("name") else ""
         served = "served by" if entry["available"] else "not available here; would be served by"

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The ways a user installs vae_fast, each into a fresh venv, run from a folder outside the checkout so
+# that the installed package (not the source tree) is what runs:
+#   1. `pip install --no-build-isolation .`                       (non-editable, from a clone)
+#   2. `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation <the sdist>`
+#   3. `pip wheel --no-build-isolation --no-deps .`, then `pip install <the wheel>` into a venv that has
+#      the same torch (the wheel must be tagged cp310-abi3: one wheel for every CPython >= 3.10)
+# Each is followed by a smoke run: `vae-fast info` says the extension serves the CPU, the fused ops
+# match the reference forward and backward, `vae-fast train --epochs 1` runs.
+# Then the oldest torch pyproject.toml declares (2.11): a build against it and the whole test suite,
+# and that build imported under the newest torch (the main .venv's) must refuse to load with the
+# "built for torch X, running torch Y: rebuild with ..." message.
+#
+#   scripts/check_install.sh [paths|oldest-torch|all]      (default all; CI runs all)
+# Builds here skip the CUDA sources (VAE_FAST_CUDA=0) except the wheel's: the main CI build already
+# compiles them, and each CUDA build costs minutes on CI's 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+python=${PYTHON:-python3}
+torch_spec=${VAE_FAST_TORCH:-torch==2.14.1}
+oldest_torch=${VAE_FAST_OLDEST_TORCH:-torch==2.11.0}
+what=${1:-all}
+work=$(mktemp -d /tmp/vae_fast_install.XXXXXX)
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+started=$SECONDS
+step() { echo "=== [$((SECONDS - started)) s] $*"; }
+
+fresh_venv() {  # fresh_venv DIR TORCH_SPEC
+  "$python" -m venv "$1"
+  "$1/bin/pip" install -q "$2" "setuptools>=64" wheel ninja build
+}
+
+smoke() {  # smoke VENV NAME: the installed package, from outside the checkout
+  local venv=$1 name=$2
+  (
+    cd "$work"
+    "$venv/bin/python" - "$repo" <<'EOF'
+import sys
+from pathlib import Path
+
+import torch
+
+import vae_fast
+from vae_fast import reference
+
+repo = Path(sys.argv[1]).resolve()
+where = Path(vae_fast.__file__).resolve()
+assert repo not in where.parents, f"imported from the checkout ({where}), not the installed package"
+info = vae_fast.backend_info()
+assert info["devices"]["cpu"]["implementation"] == "extension", info
+assert info["extension"]["built_for"]["torch"] == torch.__version__, info
+g = torch.Generator().manual_seed(0)
+recon = torch.rand(64, 784, generator=g).clamp(0.01, 0.99).requires_grad_()
+x = torch.rand(64, 784, generator=g)
+mu, logvar = (torch.randn(64, 20, generator=g).requires_grad_() for _ in range(2))
+loss = vae_fast.vae_loss(recon, x, mu, logvar)
+grads = torch.autograd.grad(loss, (recon, mu, logvar))
+expected = reference.vae_loss(*(t.double() for t in (recon, x, mu, logvar)))
+expected_grads = torch.autograd.grad(expected, (recon, mu, logvar))
+assert abs(loss.item() / expected.item() - 1) < 1e-5, (loss.item(), expected.item())
+for got, want in zip(grads, expected_grads):
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+z = vae_fast.reparameterize(mu, logvar)
+z.sum().backward()
+assert z.shape == mu.shape and torch.isfinite(mu.grad).all()
+print(f"smoke: {where.parent} serves the CPU; loss and gradients match the float64 reference")
+EOF
+    "$venv/bin/vae-fast" info
+    "$venv/bin/vae-fast" train --epochs 1 --hidden-dims 16 --latent-dim 2 --device cpu --quiet --out "$work/train-$name"
+    test -s "$work/train-$name/checkpoint.pt" || { ls -la "$work/train-$name"; exit 1; }
+  )
+  echo "smoke ($name): passed"
+}
+
+install_paths() {
+  step "1. pip install --no-build-isolation . (non-editable, from the clone)"
+  fresh_venv "$work/venv-clone" "$torch_spec"
+  VAE_FAST_CUDA=0 "$work/venv-clone/bin/pip" install -q --no-build-isolation "$repo"
+  smoke "$work/venv-clone" clone
+
+  step "2. sdist, then pip install --no-build-isolation <the sdist>"
+  fresh_venv "$work/venv-sdist" "$torch_spec"
+  "$work/venv-sdist/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" "$repo" > "$work/sdist.log"
+  sdist=$(ls "$work"/dist/vae_fast-*.tar.gz)
+  VAE_FAST_CUDA=0 "$work/venv-sdist/bin/pip" install -q --no-build-isolation "$sdist"
+  smoke "$work/venv-sdist" sdist
+
+  step "3. pip wheel, then pip install <the wheel> into a venv with the same torch (CUDA sources in)"
+  fresh_venv "$work/venv-wheel" "$torch_spec"
+  "$work/venv-wheel/bin/pip" wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
+  wheel=$(ls "$work"/wheels/vae_fast-*.whl)
+  case "$wheel" in
+    *-cp310-abi3-*.whl) echo "wheel: $(basename "$wheel") (one wheel for every CPython >= 3.10)" ;;
+    *) echo "wheel is not tagged cp310-abi3: $(basename "$wheel")"; exit 1 ;;
+  esac
+  "$work/venv-wheel/bin/pip" install -q "$wheel"
+  smoke "$work/venv-wheel" wheel
+  "$work/venv-wheel/bin/python" -c "import vae_fast; c = vae_fast.backend_info()['extension']['cuda_compiled']; print('wheel has CUDA kernels:', c)"
+}
+
+oldest_torch_check() {
+  step "oldest declared torch ($oldest_torch): build (CPU kernels) and the whole suite"
+  fresh_venv "$work/venv-oldest" "$oldest_torch"
+  # An editable install in a copy of the checkout, so the main .venv's in-place build is untouched.
+  mkdir -p "$work/src-oldest"
+  git -C "$repo" ls-files -z --cached --others --exclude-standard | (cd "$repo" && xargs -0 cp --parents -t "$work/src-oldest")
+  (cd "$work/src-oldest" && VAE_FAST_CUDA=0 "$work/venv-oldest/bin/pip" install -q --no-build-isolation -e ".[test]")
+  (cd "$work/src-oldest" && "$work/venv-oldest/bin/python" -m pytest -q -p no:cacheprovider tests)
+
+  step "that build imported under the newest torch: refused with the rebuild message"
+  main_python=${MAIN_PYTHON:-$repo/.venv/bin/python}
+  mkdir -p "$work/cross"
+  cp -r "$work/src-oldest/vae_fast" "$work/cross/vae_fast"
+  message=$(cd "$work/cross" && PYTHONPATH="$work/cross" "$main_python" -m vae_fast info)
+  echo "$message"
+  built=$("$work/venv-oldest/bin/python" -c 'import torch; print(torch.__version__)')
+  running=$("$main_python" -c 'import torch; print(torch.__version__)')
+  echo "$message" | grep -F "built for torch $built, running torch $running: rebuild with" > /dev/null ||
+    { echo "the cross-torch import did not give the rebuild message"; exit 1; }
+  # Without the record (a build from before it existed) the loader's own error is shown, annotated.
+  rm "$work/cross/vae_fast/_build_info.json"
+  (cd "$work/cross" && PYTHONPATH="$work/cross" "$main_python" -m vae_fast info) | grep "extension:" || true
+}
+
+case "$what" in
+  paths) install_paths ;;
+  oldest-torch) oldest_torch_check ;;
+  all) install_paths; oldest_torch_check ;;
+  *) echo "usage: $0 [paths|oldest-torch|all]"; exit 2 ;;
+esac
+step "install checks passed"
+rm -rf "$work"
