@@ -3,15 +3,16 @@
 # that the installed package (not the source tree) is what runs:
 #   1. `pip install --no-build-isolation .`                       (non-editable, from a clone)
 #   2. `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation <the sdist>`
-#   3. `pip wheel --no-build-isolation --no-deps .`, then `pip install <the wheel>` into a venv that has
-#      the same torch (the wheel must be tagged cp310-abi3: one wheel for every CPython >= 3.10)
+#   3. `TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" pip wheel --no-build-isolation --no-deps .`, then
+#      `pip install <the wheel>` into a venv that has the same torch: the wheel must be tagged
+#      cp310-abi3 (one wheel for every CPython >= 3.10) and hold sm_80, sm_89, sm_90 code + PTX
 # Each is followed by a smoke run: `vae-fast info` says the extension serves the CPU, the fused ops
 # match the reference forward and backward, `vae-fast train --epochs 1` runs.
 # Then the oldest torch pyproject.toml declares (2.11): a build against it and the whole test suite,
 # and that build imported under the newest torch (the main .venv's) must refuse to load with the
 # "built for torch X, running torch Y: rebuild with ..." message.
 #
-#   scripts/check_install.sh [paths|oldest-torch|all]      (default all; CI runs all)
+#   scripts/check_install.sh [paths|wheel|oldest-torch|all]      (default all; CI runs all)
 # Builds here skip the CUDA sources (VAE_FAST_CUDA=0) except the wheel's: the main CI build already
 # compiles them, and each CUDA build costs minutes on CI's 2 cores.
 set -euo pipefail
@@ -74,22 +75,27 @@ EOF
   echo "smoke ($name): passed"
 }
 
-install_paths() {
+install_clone() {
   step "1. pip install --no-build-isolation . (non-editable, from the clone)"
   fresh_venv "$work/venv-clone" "$torch_spec"
   VAE_FAST_CUDA=0 "$work/venv-clone/bin/pip" install -q --no-build-isolation "$repo"
   smoke "$work/venv-clone" clone
+}
 
+install_sdist() {
   step "2. sdist, then pip install --no-build-isolation <the sdist>"
   fresh_venv "$work/venv-sdist" "$torch_spec"
   "$work/venv-sdist/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" "$repo" > "$work/sdist.log"
   sdist=$(ls "$work"/dist/vae_fast-*.tar.gz)
   VAE_FAST_CUDA=0 "$work/venv-sdist/bin/pip" install -q --no-build-isolation "$sdist"
   smoke "$work/venv-sdist" sdist
+}
 
-  step "3. pip wheel, then pip install <the wheel> into a venv with the same torch (CUDA sources in)"
+install_wheel() {
+  step "3. pip wheel (CUDA sources in, three architectures + PTX), then pip install <the wheel>"
   fresh_venv "$work/venv-wheel" "$torch_spec"
-  "$work/venv-wheel/bin/pip" wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
+  TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" \
+    "$work/venv-wheel/bin/pip" wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
   wheel=$(ls "$work"/wheels/vae_fast-*.whl)
   case "$wheel" in
     *-cp310-abi3-*.whl) echo "wheel: $(basename "$wheel") (one wheel for every CPython >= 3.10)" ;;
@@ -97,8 +103,18 @@ install_paths() {
   esac
   "$work/venv-wheel/bin/pip" install -q "$wheel"
   smoke "$work/venv-wheel" wheel
-  "$work/venv-wheel/bin/python" -c "import vae_fast; c = vae_fast.backend_info()['extension']['cuda_compiled']; print('wheel has CUDA kernels:', c)"
+  cuda=$("$work/venv-wheel/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
+  echo "wheel has CUDA kernels: $cuda"
+  if [ "$cuda" = True ] && [ -n "${CUDA_HOME:-}" ]; then
+    library=$(ls "$work"/venv-wheel/lib/python3*/site-packages/vae_fast/_C.abi3.so)
+    elves=$("$CUDA_HOME/bin/cuobjdump" --list-elf "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
+    ptx=$("$CUDA_HOME/bin/cuobjdump" --list-ptx "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
+    echo "machine code for: $elves; PTX for: $ptx"
+    [ "$elves" = "sm_80 sm_89 sm_90 " ] && [ "$ptx" = "sm_90 " ] || { echo "unexpected architectures in the wheel"; exit 1; }
+  fi
 }
+
+install_paths() { install_clone; install_sdist; install_wheel; }
 
 oldest_torch_check() {
   step "oldest declared torch ($oldest_torch): build (CPU kernels) and the whole suite"
@@ -126,9 +142,10 @@ oldest_torch_check() {
 
 case "$what" in
   paths) install_paths ;;
+  wheel) install_wheel ;;
   oldest-torch) oldest_torch_check ;;
   all) install_paths; oldest_torch_check ;;
-  *) echo "usage: $0 [paths|oldest-torch|all]"; exit 2 ;;
+  *) echo "usage: $0 [paths|wheel|oldest-torch|all]"; exit 2 ;;
 esac
 step "install checks passed"
 rm -rf "$work"
