@@ -58,8 +58,11 @@ def format_backend_info(info: dict) -> str:
         lines.append(f"  CPU kernels: {ext['cpu_isa']}   CUDA kernels compiled in: {'yes' if ext['cuda_compiled'] else 'no'}")
     built = ext.get("built_for")
     if built:
-        cuda = f", CUDA {built['torch_cuda']}" if built.get("torch_cuda") else ""
-        lines.append(f"  built for torch {built['torch']}{cuda}")
+        if built.get("cuda_kernels"):
+            kernels = f"CUDA {built.get('torch_cuda')} kernels for {built.get('cuda_arch_list') or 'the default architectures'}"
+        else:
+            kernels = "CPU kernels only"
+        lines.append(f"  built for torch {built['torch']} ({kernels})")
     for device, entry in info["devices"].items():
         name = f" ({entry['name']})" if entry.get("name") else ""
         served = "served by" if entry["available"] else "not available here; would be served by"
