@@ -2,15 +2,21 @@
 one-line errors (exit status 2, no traceback) for each kind of bad input."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-from vae_fast.checkpoints import load_checkpoint
+from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint
 from vae_fast.cli import main
+from vae_fast.data import load_dataset
 
 TINY = ["--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet"]
 
@@ -94,3 +100,89 @@ def test_bad_checkpoints(capsys, trained, tmp_path):
 
 def test_diverging_loss_stops_with_a_clear_message(capsys, tmp_path):
     _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--lr", "1e30"], "loss became nan")
+
+
+# --- "The last good checkpoint" must be good (issue 13). With the whole digits training set in one
+# batch each epoch is a single Adam step, and Adam's first steps move every weight by about --lr
+# whatever the gradient, so --lr 1000 keeps two epochs finite and breaks the third, and --lr 1e30
+# breaks the first. The breakage happens in an epoch's last (only) step, after the per-step loss check.
+ONE_STEP_EPOCHS = ["--batch-size", "100000", "--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet"]
+NAMED_CHECKPOINT = re.compile(r"the last good checkpoint is (\S+) \(epoch (\d+)\)")
+
+
+def _diverged_message(capsys, argv) -> str:
+    assert main(argv) == 2, "training should have stopped on a diverged epoch"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _held_out_loss(checkpoint: dict) -> float:
+    """Mean negative ELBO of the checkpoint's model on the digits held-out set in float64, written
+    out here rather than taken from vae_fast: torch's BCE on the decoder's logits, one posterior
+    draw, plus KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - ln s^2) / 2 with ln s^2 = logvar (not
+    torch.distributions: these weights are extreme, and s = exp(logvar / 2) underflows to 0)."""
+    model = model_from_checkpoint(checkpoint).double()
+    x = load_dataset("digits", seed=checkpoint["train_config"]["seed"]).test_x.double()
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        eps = torch.randn(mu.shape, dtype=mu.dtype, generator=torch.Generator().manual_seed(0))
+        z = mu + torch.exp(0.5 * logvar) * eps
+        recon = F.binary_cross_entropy_with_logits(model.decode_logits(z), x, reduction="sum")
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()
+    return ((recon + kl) / len(x)).item()
+
+
+def _assert_good(path: Path, epoch: int) -> None:
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["epoch"] == epoch
+    for name, tensor in checkpoint["model"].items():
+        assert torch.isfinite(tensor).all(), f"{path}: {name} is not finite"
+    assert math.isfinite(_held_out_loss(checkpoint)), f"{path}: held-out loss is not finite"
+    assert math.isfinite(checkpoint["history"][-1]["test_loss"])
+
+
+def test_named_last_good_checkpoint_is_good_when_an_epochs_last_step_diverges(capsys, tmp_path):
+    out = tmp_path / "run"
+    err = _diverged_message(capsys, ["train", "--out", str(out), "--epochs", "3", "--lr", "1000", *ONE_STEP_EPOCHS])
+    named = NAMED_CHECKPOINT.search(err)
+    assert named, err
+    path, epoch = Path(named.group(1)), int(named.group(2))
+    assert path == out / "checkpoint.pt" and epoch >= 1, err
+    _assert_good(path, epoch)  # the bad epoch did not overwrite it
+
+
+def test_resumed_run_names_the_checkpoint_it_resumed_from(capsys, tmp_path):
+    first = tmp_path / "first"
+    assert main(["train", "--out", str(first), "--epochs", "2", "--lr", "1000", *ONE_STEP_EPOCHS]) == 0
+    _assert_good(first / "checkpoint.pt", 2)
+    # The resumed third epoch diverges before anything is written in the new folder, so the last
+    # good checkpoint is the one resumed from, not a file that does not exist.
+    resumed = tmp_path / "resumed"
+    err = _diverged_message(capsys, ["train", "--out", str(resumed), "--resume", str(first / "checkpoint.pt"),
+                                     "--epochs", "3", *ONE_STEP_EPOCHS])
+    named = NAMED_CHECKPOINT.search(err)
+    assert named and Path(named.group(1)) == first / "checkpoint.pt" and named.group(2) == "2", err
+    assert not (resumed / "checkpoint.pt").exists()
+    _assert_good(first / "checkpoint.pt", 2)
+
+
+def test_no_checkpoint_is_labelled_good_when_the_first_epoch_diverges(capsys, tmp_path):
+    out = tmp_path / "run"
+    err = _diverged_message(capsys, ["train", "--out", str(out), "--epochs", "1", "--lr", "1e30", *ONE_STEP_EPOCHS])
+    assert "no good checkpoint was written" in err and "last good checkpoint is" not in err, err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_bad_checkpoint_resumed_from_is_not_called_good(capsys, tmp_path):
+    first = tmp_path / "first"
+    assert main(["train", "--out", str(first), "--epochs", "1", *ONE_STEP_EPOCHS]) == 0
+    # A checkpoint with NaN weights, as the checks' absence let through before: resuming from it
+    # diverges at once, and it must not be named as the good one to go back to.
+    checkpoint = load_checkpoint(first / "checkpoint.pt")
+    checkpoint["model"]["encoder.0.weight"].fill_(float("nan"))
+    torch.save(checkpoint, first / "checkpoint.pt")
+    err = _diverged_message(capsys, ["train", "--out", str(tmp_path / "resumed"), "--resume", str(first / "checkpoint.pt"),
+                                     "--epochs", "2", *ONE_STEP_EPOCHS])
+    assert "loss became nan at epoch 2, step 1" in err, err
+    assert "no good checkpoint was written" in err and "last good checkpoint is" not in err, err

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import vae_fast
 from vae_fast import VAE, loss_function
 from vae_fast.baselines import ExampleVAE, example_loss_function
+from conftest import relative_error
 
 
 def _mnist_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -57,6 +58,116 @@ def test_same_weights_same_outputs_as_the_example(fused):
         torch.testing.assert_close(recon, recon_ex)
     torch.testing.assert_close(model.reconstruct(x), example.decode(mu_ex))
     torch.testing.assert_close(loss_function(recon, x, mu, logvar), example_loss_function(recon, x, mu, logvar), rtol=1e-5, atol=1e-3)
+
+
+# --- The drop-in's autograd contract (issue 13): `recon` is a node of the loss's graph, exactly as
+# in the example, so user code can take gradients wrt it, retain them, or change it in place.
+
+
+def _same_noise_pair(fused: bool, seed: int = 1):
+    """(ours, example, eps): the same weights, and the [16, 20] noise both draw on their next
+    forward after torch.manual_seed(seed). The reference path draws eps with torch.randn as the
+    example does; the fused kernel draws its own, so the example is handed that draw (the kernel on
+    mu = 0, logvar = 0 gives z = eps). Callers check that ours really decoded mu + std * eps."""
+    torch.manual_seed(0)
+    example = ExampleVAE()
+    model = _from_example(example, fused=fused)
+    torch.manual_seed(seed)
+    if fused:
+        eps = vae_fast.reparameterize(torch.zeros(16, 20), torch.zeros(16, 20))
+        example.reparameterize = lambda mu, logvar: mu + eps * torch.exp(0.5 * logvar)
+    else:
+        eps = torch.randn(16, 20)
+    return model, example, eps
+
+
+def _captured_z(model: VAE, x: torch.Tensor, seed: int):
+    """model(x) after manual_seed(seed), and the z its decoder received."""
+    seen = []
+    hook = model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(seed)
+    outputs = model(x)
+    hook.remove()
+    return outputs, seen[0]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_autograd_grad_wrt_recon_is_the_examples(fused):
+    model, _, _ = _same_noise_pair(fused)
+    x = _mnist_like(16)
+    recon, mu, logvar = model(x)
+    # The example's loss on the very same tensors is the oracle: both gradients are dL/drecon.
+    (ours,) = torch.autograd.grad(loss_function(recon, x, mu, logvar), recon, retain_graph=True)
+    (theirs,) = torch.autograd.grad(example_loss_function(recon, x, mu, logvar), recon)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_retained_recon_grad_is_the_hand_derived_bernoulli_gradient(fused):
+    model, _, _ = _same_noise_pair(fused)
+    x = _mnist_like(16)
+    recon, mu, logvar = model(x)
+    recon.retain_grad()
+    loss_function(recon, x, mu, logvar).backward()
+    assert recon.grad is not None, "the loss did not flow through recon"
+    # d/dp [-(x log p + (1 - x) log(1 - p))] = -x/p + (1 - x)/(1 - p) = (p - x) / (p (1 - p)),
+    # evaluated in float64 on the float32 values; near 0 and 1 the BCE clamps, so only p away from them.
+    p, t = recon.detach().double(), x.reshape(recon.shape).double()
+    expected = (p - t) / (p * (1 - p))
+    away = (p > 1e-4) & (p < 1 - 1e-4)
+    assert away.double().mean() > 0.99  # an untrained decoder: nearly every element is checked
+    torch.testing.assert_close(recon.grad.double()[away], expected[away], rtol=1e-5, atol=0)
+
+
+def test_in_place_changes_to_hidden_tensors_cannot_change_the_loss():
+    """The loss is a function of (recon, x, mu, logvar) only: overwriting any other tensor the
+    forward pass made (every submodule's output that does not share memory with the returned
+    tensors, the decoder's logits among them) leaves it unchanged."""
+    torch.manual_seed(0)
+    model, x = VAE(), _mnist_like(8)
+    made = []
+    hooks = [m.register_forward_hook(lambda module, args, out: made.append(out)) for m in model.modules() if m is not model]
+    recon, mu, logvar = model(x)
+    for hook in hooks:
+        hook.remove()
+    expected = loss_function(recon.detach().clone(), x, mu.detach().clone(), logvar.detach().clone())
+    returned = {t.untyped_storage().data_ptr() for t in (recon, mu, logvar)}
+    hidden = [t for t in made if t.untyped_storage().data_ptr() not in returned]
+    assert hidden  # the decoder's logits at least
+    with torch.no_grad():
+        for t in hidden:
+            t.mul_(-3).add_(5)
+    torch.testing.assert_close(loss_function(recon, x, mu, logvar), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_parameter_gradients_are_the_examples(fused):
+    model, example, eps = _same_noise_pair(fused, seed=1)
+    x = _mnist_like(16)
+    (recon, mu, logvar), z = _captured_z(model, x, seed=1)
+    torch.manual_seed(1)
+    recon_ex, mu_ex, logvar_ex = example(x)
+    # Same noise: ours decoded z = mu + exp(logvar / 2) * eps for the eps the example uses.
+    torch.testing.assert_close(z, (mu + torch.exp(0.5 * logvar) * eps).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(recon, recon_ex, rtol=1e-5, atol=1e-6)
+    recon.retain_grad()
+    recon_ex.retain_grad()
+    loss, loss_ex = loss_function(recon, x, mu, logvar), example_loss_function(recon_ex, x, mu_ex, logvar_ex)
+    torch.testing.assert_close(loss, loss_ex, rtol=1e-5, atol=0)
+    loss.backward()
+    loss_ex.backward()
+    assert relative_error(recon.grad, recon_ex.grad) <= 1e-5
+    pairs = {
+        "fc1": (model.encoder[0], [example.fc1]),
+        "fc21+fc22": (model.encoder_heads, [example.fc21, example.fc22]),
+        "fc3": (model.decoder[0], [example.fc3]),
+        "fc4": (model.decoder[2], [example.fc4]),
+    }
+    for name, (ours, theirs) in pairs.items():
+        for attr in ("weight", "bias"):
+            expected = torch.cat([getattr(layer, attr).grad for layer in theirs])
+            error = relative_error(getattr(ours, attr).grad, expected)
+            assert error <= 1e-5, f"{name}.{attr}: relative error {error:.2e}"
 
 
 def test_examples_training_loop_runs_unchanged():

@@ -379,23 +379,3 @@ def test_extreme_probabilities(case):
         ref_loss, ref_grads = loss_and_grads(reference.vae_loss, [t.double() for t in inputs], reduction="none")
         assert relative_error(loss, ref_loss) <= 1e-5
         assert relative_error(grads[0], ref_grads[0]) <= 1e-5
-
-
-def test_linked_probabilities_take_the_logits_path():
-    from vae_fast.functional import link_logits
-
-    r, x, mu, logvar = sample_inputs(16, 50, 4, logits=True)
-    r = r.clamp(-10, 10)
-    logits_leaf = r.clone().requires_grad_()
-    probs = link_logits(torch.sigmoid(logits_leaf), logits_leaf)
-    loss = vae_fast.vae_loss(probs, x, mu, logvar)  # logits=False, but linked
-    assert torch.equal(loss, vae_fast.vae_loss(r, x, mu, logvar, logits=True))
-    loss.backward()
-    expected_leaf = r.clone().requires_grad_()
-    vae_fast.vae_loss(torch.sigmoid(expected_leaf), x, mu, logvar).backward()  # through the sigmoid
-    assert relative_error(logits_leaf.grad, expected_leaf.grad) <= 1e-5
-
-    # modified in place: the link no longer describes the tensor, so it is ignored
-    probs = link_logits(torch.sigmoid(r), r)
-    probs.clamp_(0.1, 0.9)
-    assert torch.equal(vae_fast.vae_loss(probs, x, mu, logvar), vae_fast.vae_loss(probs.clone(), x, mu, logvar))

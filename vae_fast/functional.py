@@ -68,27 +68,6 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
 _LOSS_ARGS = ("recon", "x", "mu", "logvar")
 
 
-def link_logits(probabilities: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mark `probabilities` (= sigmoid(logits)) as coming from `logits` and return it.
-
-    `vae_loss(..., logits=False)` on such a tensor runs the logits kernel on `logits` instead: the
-    same loss (more exact where the sigmoid saturates), no sigmoid backward, and a cheaper kernel.
-    This is how `vae_fast.VAE` keeps returning probabilities yet trains through the logits path.
-    The link is dropped if the probabilities are modified in place, and not made under torch.compile.
-    """
-    if not torch.compiler.is_compiling():
-        probabilities._vae_fast_logits = (logits, probabilities._version)
-    return probabilities
-
-
-def _linked_logits(recon: torch.Tensor) -> torch.Tensor | None:
-    link = getattr(recon, "_vae_fast_logits", None)
-    if link is None or torch.compiler.is_compiling():
-        return None
-    logits, version = link
-    return logits if recon._version == version else None
-
-
 def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
     for name, value in zip(_LOSS_ARGS, (recon, x, mu, logvar)):
         _require_float_tensor("vae_loss", name, value)
@@ -140,8 +119,6 @@ def vae_loss(
     Args:
         recon: [B, ...] decoder output: probabilities in [0, 1], or logits when `logits=True`
             (the numerically safer choice: no log(0) clamping, exact gradients when saturated).
-            Probabilities made by `vae_fast.VAE` carry their logits (`link_logits`) and are
-            evaluated through them.
         x: [B, ...] targets in [0, 1], any shape with recon's number of elements per sample
             (e.g. images [B, 1, 28, 28] against recon [B, 784]).
         mu, logvar: [B, L] posterior mean and log-variance.
@@ -155,10 +132,6 @@ def vae_loss(
         sizes or devices, an unknown reduction, a negative beta, and (on CPU) probabilities or
         targets outside [0, 1]. NaN inputs give a NaN loss; a logvar whose exp overflows gives +inf.
     """
-    if not logits and isinstance(recon, torch.Tensor):
-        linked = _linked_logits(recon)
-        if linked is not None:
-            recon, logits = linked, True
     beta = _check_loss_args(recon, x, mu, logvar, beta, reduction)
     recon, x, mu, logvar = _common_dtype(recon, x, mu, logvar)
     if not _extension.serves(recon.device):

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import link_logits
 from .functional import reparameterize as fused_reparameterize
 
 __all__ = ["VAE"]
@@ -126,8 +125,10 @@ class VAE(nn.Module):
         z is sampled in eval mode too, as in the example. Raises ValueError for a wrong input width.
         """
         logits, mu, logvar = self.forward_logits(x)
-        # The probabilities remember their logits, so vae_fast's loss takes the logits path on them.
-        return link_logits(torch.sigmoid(logits), logits), mu, logvar
+        # Plain probabilities, as in the example: the loss's gradient must reach the parameters
+        # through recon (and its sigmoid), so that autograd.grad(loss, recon), recon.retain_grad()
+        # and in-place edits of recon behave as they do there. The logits path is forward_logits.
+        return torch.sigmoid(logits), mu, logvar
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The deterministic reconstruction decode(mu(x)), probabilities [B, D]."""

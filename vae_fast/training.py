@@ -37,7 +37,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the last good checkpoint."""
+    """The training loss, the held-out loss or the weights became NaN or infinite; the message
+    names the last good checkpoint, or says that none was written."""
 
 
 @dataclass
@@ -121,6 +122,25 @@ def _check_resumable(checkpoint: dict, config: TrainConfig, model: VAE, data: Da
         raise CheckpointError(f"checkpoint {config.resume} is from another configuration: " + ", ".join(differences))
 
 
+def _all_finite(tensors) -> bool:
+    """Whether every floating tensor holds only finite values (one host sync for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _is_good(state: dict, test_loss: float) -> bool:
+    """A checkpoint worth keeping: finite weights and a finite held-out loss. Checked after the
+    epoch's last update, which the per-step loss check never sees."""
+    return math.isfinite(test_loss) and _all_finite(state.values())
+
+
+def _kept(last_good: tuple[Path, int] | None) -> str:
+    if last_good is None:
+        return "no good checkpoint was written"
+    path, epoch = last_good
+    return f"the last good checkpoint is {path} (epoch {epoch})"
+
+
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
     (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
     with open(out_dir / "metrics.csv", "w", newline="") as f:
@@ -132,11 +152,13 @@ def _write_metrics(out_dir: Path, history: list[dict]) -> None:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     """Train a VAE as `config` says; returns the per-epoch metrics (also in out/metrics.{csv,json}).
 
-    Writes out/checkpoint.pt after every epoch and, at the end, the PNG images of `plots`. On
-    --resume the optimizer (learning rate included) and RNG states come from the checkpoint, so the
-    run continues exactly as if it had not stopped.
+    Writes out/checkpoint.pt after every epoch that ends with finite weights and a finite held-out
+    loss and, at the end, the PNG images of `plots`. On --resume the optimizer (learning rate
+    included) and RNG states come from the checkpoint, so the run continues exactly as if it had not
+    stopped.
     Raises ValueError (bad argument), DataError, CheckpointError (missing or mismatched --resume)
-    and TrainingDiverged (NaN/inf loss; the last good checkpoint is kept).
+    and TrainingDiverged (a NaN/inf training loss, or an epoch ending with NaN/inf weights or
+    held-out loss; the last good checkpoint is kept, never overwritten by a bad one).
     """
     config.validate()
     rank, world, device = _distributed_setup(config.device)
@@ -154,12 +176,18 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     torch.manual_seed(config.seed + rank)  # but each rank draws its own posterior noise
     history: list[dict] = []
     start_epoch = 0
+    # (path, epoch) of the newest checkpoint known to be good, named when training diverges.
+    last_good: tuple[Path, int] | None = None
     if config.resume:
         checkpoint = load_checkpoint(config.resume, map_location=device)
         _check_resumable(checkpoint, config, model, data)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        # Nothing is in --out yet: the file resumed from is the last good one, if it is good (one
+        # written before the checks existed may not be).
+        if history and _is_good(checkpoint["model"], history[-1]["test_loss"]):
+            last_good = (Path(config.resume), start_epoch)
         if len(checkpoint["rng_states"]) == world:
             torch.set_rng_state(checkpoint["rng_states"][rank].cpu())
             if device.type == "cuda" and checkpoint.get("cuda_rng_states"):
@@ -189,8 +217,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
                 dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
             batch_loss, batch_kl, batch_n = stats.tolist()
             if not math.isfinite(batch_loss):
-                kept = f"the last good checkpoint is {checkpoint_path} (epoch {epoch})" if epoch else "no checkpoint was written yet"
-                raise TrainingDiverged(f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}; training stopped ({kept}); try a lower --lr")
+                raise TrainingDiverged(f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}; "
+                                       f"training stopped ({_kept(last_good)}); try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()
             optimizer.step()
@@ -202,6 +230,16 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
 
         model.eval()
         held_out = negative_elbo(model, test_x, beta=config.beta)
+        # The last step's update is seen by no loss check above: a checkpoint is written only if
+        # the weights it holds are finite and give a finite held-out loss.
+        weights_finite = _all_finite(model.state_dict().values())
+        good = torch.tensor(float(weights_finite and math.isfinite(held_out["loss"])), device=device)
+        if world > 1:
+            dist.all_reduce(good, op=dist.ReduceOp.MIN)  # every rank stops together, none waits
+        if not good.item():
+            what = f"the held-out loss is {held_out['loss']}" if weights_finite else "the weights are not finite"
+            raise TrainingDiverged(f"after epoch {epoch + 1} {what}; training stopped ({_kept(last_good)}); "
+                                   "try a lower --lr")
         row = {
             "epoch": epoch + 1, "beta": beta, "train_loss": loss_sum / seen, "train_kl": kl_sum / seen,
             "train_recon": recon_sum / seen,
@@ -227,6 +265,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
             if config.progress:
                 print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
                       f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.2f}s]")
+        last_good = (checkpoint_path, epoch + 1)
 
     if rank == 0 and config.images and history:
         from .plots import save_training_images
