@@ -70,8 +70,16 @@ class Reparameterize : public torch::autograd::Function<Reparameterize> {
     const at::Tensor& grad_z = grads[0];
     if (!grad_z.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &z = saved[0], &mu = saved[1];
     at::Tensor grad_mu = ctx->needs_input_grad(0) ? grad_z : at::Tensor();
-    at::Tensor grad_logvar = ctx->needs_input_grad(1) ? reparameterize_backward_op(grad_z, saved[0], saved[1]) : at::Tensor();
+    at::Tensor grad_logvar;
+    if (ctx->needs_input_grad(1)) {
+      // With create_graph=True the logvar gradient must itself be differentiable: written with torch
+      // ops on the saved z (an output of this node, so d z / d logvar flows back through it again),
+      // it gives d2z/dlogvar2 = 0.25 * sigma * eps. The fused kernel is opaque to autograd.
+      grad_logvar = at::GradMode::is_enabled() && !is_traced(grad_z) ? 0.5 * grad_z * (z - mu)
+                                                                    : reparameterize_backward_op(grad_z, z, mu);
+    }
     return {grad_mu, grad_logvar, at::Tensor()};
   }
 };

@@ -88,6 +88,30 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, (mu, logvar))
 
 
+def test_double_backward_is_the_hand_derived_second_derivative():
+    """z = mu + exp(logvar / 2) * eps: d2z/dlogvar2 = 0.25 * sigma * eps, d2z/dlogvar dmu = 0,
+    and d(dz/dlogvar)/d(grad_z) = 0.5 * sigma * eps, with eps recovered in float64 from z."""
+    mu = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(1))
+    sigma = torch.exp(0.5 * logvar.detach())
+    eps = (z.detach() - mu.detach()) / sigma
+    weights = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)  # an arbitrary grad_z
+    (d_logvar,) = torch.autograd.grad(z, logvar, weights, create_graph=True)
+    assert torch.allclose(d_logvar, 0.5 * weights * sigma * eps, rtol=1e-12, atol=1e-12)
+    second_logvar, second_mu, second_weights = torch.autograd.grad(d_logvar.sum(), (logvar, mu, weights), allow_unused=True)
+    assert torch.allclose(second_logvar, 0.25 * weights.detach() * sigma * eps, rtol=1e-12, atol=1e-12)
+    assert second_mu is None or not second_mu.any()
+    assert torch.allclose(second_weights, 0.5 * sigma * eps, rtol=1e-12, atol=1e-12)
+
+
+def test_gradgradcheck_float64():
+    mu = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda m, l: vae_fast.reparameterize(m, l, generator=torch.Generator().manual_seed(0))
+    assert torch.autograd.gradgradcheck(fn, (mu, logvar))
+
+
 def test_opcheck():
     # logvar = -inf gives z = mu exactly, so the repeated runs inside opcheck agree
     for requires_grad in (False, True):

@@ -354,6 +354,25 @@ def test_second_backward_through_a_scaled_loss_is_refused():
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_scales_low_precision_gradients_in_float(dtype):
+    """(loss * c).backward() must give round(float(g) * c) for the unscaled low-precision gradient
+    g, with c in float as the loss is: rounding c to the gradient's dtype first (1.3 -> 1.296875 in
+    bfloat16, 1.001 -> 1 in bfloat16) would scale by another number, or not at all."""
+    inputs = sample_inputs(16, 40, 6, logits=True, dtype=dtype, seed=4)
+    for factor in (1.3, 1.001, -0.7):
+        unscaled = [t.detach().clone().requires_grad_() for t in inputs]
+        vae_fast.vae_loss(*unscaled, logits=True).backward()
+        scaled = [t.detach().clone().requires_grad_() for t in inputs]
+        (vae_fast.vae_loss(*scaled, logits=True) * factor).backward()
+        for plain, times in zip(unscaled, scaled):
+            if plain.grad is None:
+                continue
+            # One float multiply, then one rounding to the dtype: what float math of the factor gives.
+            expected = (plain.grad.float() * torch.tensor(factor, dtype=torch.float32)).to(dtype)
+            assert torch.equal(times.grad, expected), (factor, (times.grad.double() - expected.double()).abs().max())
+
+
 def test_scale_by_grad_output_op():
     grad = torch.randn(4, 5)
     for factor in (torch.tensor(1.0), torch.tensor(-2.5)):
