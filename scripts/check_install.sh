@@ -103,9 +103,11 @@ install_wheel() {
   esac
   "$work/venv-wheel/bin/pip" install -q "$wheel"
   smoke "$work/venv-wheel" wheel
-  cuda=$("$work/venv-wheel/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
+  # From $work: run in the checkout, `python -c` would import the checkout's vae_fast instead.
+  cuda=$(cd "$work" && "$work/venv-wheel/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
   echo "wheel has CUDA kernels: $cuda"
-  if [ "$cuda" = True ] && [ -n "${CUDA_HOME:-}" ]; then
+  if [ "${VAE_FAST_CUDA:-auto}" = 1 ] && [ "$cuda" != True ]; then echo "VAE_FAST_CUDA=1 but the wheel has no CUDA kernels"; exit 1; fi
+  if [ "$cuda" = True ]; then
     library=$(ls "$work"/venv-wheel/lib/python3*/site-packages/vae_fast/_C.abi3.so)
     elves=$("$CUDA_HOME/bin/cuobjdump" --list-elf "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
     ptx=$("$CUDA_HOME/bin/cuobjdump" --list-ptx "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
@@ -145,7 +147,8 @@ case "$what" in
   wheel) install_wheel ;;
   oldest-torch) oldest_torch_check ;;
   all) install_paths; oldest_torch_check ;;
-  *) echo "usage: $0 [paths|wheel|oldest-torch|all]"; exit 2 ;;
+  wheel+oldest-torch) install_wheel; oldest_torch_check ;;
+  *) echo "usage: $0 [paths|wheel|oldest-torch|wheel+oldest-torch|all]"; exit 2 ;;
 esac
 step "install checks passed"
 rm -rf "$work"
