@@ -109,8 +109,11 @@ install_wheel() {
   if [ "${VAE_FAST_CUDA:-auto}" = 1 ] && [ "$cuda" != True ]; then echo "VAE_FAST_CUDA=1 but the wheel has no CUDA kernels"; exit 1; fi
   if [ "$cuda" = True ]; then
     library=$(ls "$work"/venv-wheel/lib/python3*/site-packages/vae_fast/_C.abi3.so)
-    elves=$("$CUDA_HOME/bin/cuobjdump" --list-elf "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
-    ptx=$("$CUDA_HOME/bin/cuobjdump" --list-ptx "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
+    # The toolkit's cuobjdump, else the one torch's Triton dependency ships (CI's toolkit has none).
+    cuobjdump=${CUDA_HOME:+$CUDA_HOME/bin/cuobjdump}
+    [ -x "${cuobjdump:-}" ] || cuobjdump=$(ls "$work"/venv-wheel/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -1)
+    elves=$("$cuobjdump" --list-elf "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
+    ptx=$("$cuobjdump" --list-ptx "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
     echo "machine code for: $elves; PTX for: $ptx"
     [ "$elves" = "sm_80 sm_89 sm_90 " ] && [ "$ptx" = "sm_90 " ] || { echo "unexpected architectures in the wheel"; exit 1; }
   fi
