@@ -1,5 +1,7 @@
 """Shared helpers of the test suite: devices to run on and per-dtype tolerances."""
 
+import os
+
 import pytest
 import torch
 
@@ -25,6 +27,37 @@ def _require_extension():
     # parity test compare the reference with itself.
     assert _extension.extension_loaded(), f"vae_fast extension not loaded: {_extension.LOAD_ERROR}"
     yield
+
+
+# Hypothesis profiles of the property tests (tests/test_properties.py). "ci", the default, replays
+# the same derandomized examples on every run with no example database, so CI is reproducible and
+# bounded in time; "deep" (VAE_FAST_HYPOTHESIS_PROFILE=deep) searches many fresh random examples
+# for local bug hunts. Guarded so that an environment without hypothesis still runs the rest
+# of the suite; the property tests import it unconditionally and fail loudly there.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # pragma: no cover
+    pass
+else:
+    settings.register_profile(
+        "ci",
+        max_examples=60,
+        derandomize=True,
+        database=None,
+        deadline=None,  # a busy 2-core CI machine makes per-example timing meaningless
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile(
+        "deep",
+        max_examples=2000,
+        derandomize=False,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile(os.environ.get("VAE_FAST_HYPOTHESIS_PROFILE", "ci"))
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
