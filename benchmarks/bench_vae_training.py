@@ -34,6 +34,7 @@ import torch
 import vae_fast
 from vae_fast import VAE
 from vae_fast.baselines import ExampleVAE, example_loss_function
+from vae_fast.cli import _positive_ints as positive_ints
 from vae_fast.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,23 +250,13 @@ def header(device: torch.device) -> str:
     ])
 
 
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-sizes takes comma-separated whole numbers, got {text!r}") from None
-    if any(size < 1 for size in sizes):
-        raise argparse.ArgumentTypeError(f"--batch-sizes values must be at least 1, got {text!r}")
-    return sizes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mnist")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch-sizes", type=_batch_sizes, default=[BATCH_SIZE], help="e.g. 128,1024")
+    parser.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), default=(BATCH_SIZE,), help="e.g. 128,1024")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
