@@ -128,6 +128,12 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     macros.append(("VAE_FAST_WITH_CUDA", None))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    if "CC" not in os.environ and "CXX" in os.environ:
+        # nvcc compiles the .cu files' host code with `gcc` from PATH unless told (torch passes
+        # -ccbin $CC only); the .cpp files use $CXX. Two GCCs in one library mix two libstdc++
+        # headers' inline code under one symbol name (the linker keeps one copy), so both halves
+        # get the same compiler.
+        nvcc += ["-ccbin", os.environ["CXX"]]
     if os.environ.get("VAE_FAST_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     return cpp_extension.CUDAExtension(

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <vector>
 #include <optional>
 #include <tuple>
 
@@ -43,11 +44,27 @@ LossResult vae_loss_op(const at::Tensor& recon, const at::Tensor& x, const at::T
   return op.call(recon, x, mu, logvar, logits, beta, reduction, grad_mask);
 }
 
-void scale_by_grad_output_op(at::Tensor& grad, const at::Tensor& grad_output) {
+const c10::TypedOperatorHandle<void(at::TensorList, const at::Tensor&)>& scale_by_grad_output_handle() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("vae_fast::scale_by_grad_output_", "")
-                             .typed<void(at::Tensor&, const at::Tensor&)>();
-  op.call(grad, grad_output);
+                             .typed<void(at::TensorList, const at::Tensor&)>();
+  return op;
+}
+
+void scale_by_grad_output_op(at::TensorList grads, const at::Tensor& grad_output) {
+  scale_by_grad_output_handle().call(grads, grad_output);
+}
+
+// The op's ADInplaceOrView kernel, for direct calls: autograd learns of an in-place change through
+// the tensor's version counter, which ATen's own in-place ops bump here. The CUDA kernel writes
+// through a raw pointer, so without this its changes would go unseen. (VaeLoss::backward calls the
+// op below this kernel and keeps its own record; see there.)
+void scale_by_grad_output_ad_inplace_or_view(c10::DispatchKeySet keys, at::TensorList grads, const at::Tensor& grad_output) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    scale_by_grad_output_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, grads, grad_output);
+  }
+  for (const at::Tensor& grad : grads) torch::autograd::impl::bump_version(grad);
 }
 
 // torch.compile and opcheck trace backward with fake or functional tensors: those can neither be
@@ -114,6 +131,7 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
     const int64_t mask = ctx->saved_data["grad_mask"].toInt();
     variable_list saved = ctx->get_saved_variables();
+    std::vector<at::Tensor> scaled_in_place;
     for (size_t i = 0; i < saved.size(); ++i) {
       if (!ctx->needs_input_grad(i)) continue;
       TORCH_CHECK((mask >> i) & 1, "vae_fast::vae_loss was called with grad_mask[", i,
@@ -126,13 +144,37 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
       } else if (traced) {
         result[i] = (grad * grad_loss).to(grad.scalar_type());  // the compiler fuses this multiply
       } else {
-        // In place on the saved gradient: a second backward through this loss then fails autograd's
-        // version check instead of reusing scaled values.
-        scale_by_grad_output_op(grad, grad_loss);
+        scaled_in_place.push_back(grad);
         result[i] = grad;
       }
     }
+    if (!scaled_in_place.empty()) scale_saved_gradients(ctx, scaled_in_place, grad_loss);
     return result;
+  }
+
+ private:
+  // Scales the saved gradients in place (no copy, and no pass at all when grad_output is 1, which
+  // CUDA decides on the device). A later backward through the same graph (retain_graph=True) would
+  // then read scaled values: it is refused, on every device alike, unless every earlier backward
+  // had grad_output 1 and so changed nothing. Autograd's version counter cannot make that call
+  // without a host sync in every backward (CUDA's kernel decides on the device), so this node
+  // keeps the last factor and reads it back only in a repeated backward, which is rare.
+  static void scale_saved_gradients(AutogradContext* ctx, const std::vector<at::Tensor>& grads, const at::Tensor& grad_loss) {
+    const auto earlier = ctx->saved_data.find("scaled_by");
+    if (earlier != ctx->saved_data.end()) {
+      const double factor = earlier->second.toTensor().item<double>();
+      TORCH_CHECK(factor == 1.0,
+                  "vae_fast.vae_loss: a second backward through this loss is not supported after a backward whose "
+                  "grad_output was ", factor, " (not 1): the gradients it saved were scaled in place by that "
+                  "backward. Compute the loss again for another backward, or backward once through the sum of "
+                  "the scaled losses.");
+    }
+    // One call for every gradient (one launch on CUDA): at small batches calls cost more than bytes.
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;  // the record above replaces the version bump
+      scale_by_grad_output_op(grads, grad_loss);
+    }
+    ctx->saved_data["scaled_by"] = grad_loss;
   }
 };
 
@@ -147,6 +189,10 @@ LossResult vae_loss_autograd(const at::Tensor& recon, const at::Tensor& x, const
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(vae_fast, ADInplaceOrView, m) {
+  m.impl("scale_by_grad_output_", &scale_by_grad_output_ad_inplace_or_view);
+}
 
 TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) {
   m.impl("reparameterize", &reparameterize_autograd);

@@ -46,7 +46,9 @@ TORCH_LIBRARY(vae_fast, m) {
   // its grad_mask entry is set. Gradients are of the reduced loss (before scaling by grad_output).
   m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, bool logits, float beta, str reduction, "
         "bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // grad *= grad_output (one element), in place and skipped when grad_output is 1: the backward of
-  // vae_loss with reduction "sum"/"mean", without a host sync on CUDA.
-  m.def("scale_by_grad_output_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // grad *= grad_output (one element) for every grad of the list, in place, in one call (one launch
+  // on CUDA), skipped when grad_output is 1: the backward of vae_loss with reduction "sum"/"mean",
+  // without a host sync on CUDA. Its ADInplaceOrView kernel (csrc/autograd.cpp) bumps each grad's
+  // version on every device, so autograd sees the mutation.
+  m.def("scale_by_grad_output_(Tensor(a!)[] grads, Tensor grad_output) -> ()");
 }

@@ -118,6 +118,15 @@ VAE_HD KlTerm<T> kl_standard_normal(T mu, T lv) {
   return t;
 }
 
+// With beta = 0 the KL has no weight, yet 0 * (the +inf KL of a finite logvar whose exp overflows)
+// is NaN. So a weight-0 KL is evaluated at this logvar instead: a finite lv > 0 becomes 0 (any
+// finite KL times 0 is 0), while NaN and +inf stay as they are, so NaN/inf inputs still give NaN.
+template <typename S>
+VAE_HD S logvar_for_zero_weight(S lv) {
+  const bool finite = lv - lv == S(0);  // false for NaN and +-inf
+  return (finite && lv > S(0)) ? S(0) : lv;
+}
+
 // ---- reparameterization ----
 template <typename T>
 VAE_HD T reparameterize_sample(T mu, T lv, T eps) {

@@ -30,7 +30,7 @@ ended() {  # ended NAME STATUS: timeout's 124 means the stage ran out of its tim
 stage "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
-echo "C++ compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
+echo "C++ compiler: ${CXX:-c++} ($(${CXX:-c++} --version | head -1)); CC=${CC:-unset}; gcc in PATH: $(gcc --version | head -1)"
 
 stage "build (editable install: the extension and the vae-fast console script; no network needed)"
 timeout 300 python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1
@@ -39,6 +39,19 @@ ended build $status
 if [ $status -ne 0 ]; then tail -40 "$out/build.log"; exit 1; fi
 grep -E "registers|spill" "$out/build.log" | sort | uniq -c | sort -rn | head -5
 python3 -m vae_fast info
+# The op called directly with beta < 0 segfaulted on this machine's build once (csrc/cuda/NOTES.md):
+# check it raises, and take a backtrace if it crashes.
+repro='import torch, vae_fast
+r, x, mu, lv = torch.rand(4, 10), torch.rand(4, 10), torch.randn(4, 3), torch.randn(4, 3)
+try:
+    torch.ops.vae_fast.vae_loss(r, x, mu, lv, False, -2.0, "sum", [False] * 4)
+except ValueError as e:
+    print("beta check raises:", str(e).splitlines()[0])'
+timeout 30 python3 -c "$repro"; status=$?
+if [ $status -ge 128 ]; then
+  echo "beta repro crashed (exit $status): backtrace"
+  timeout 60 cuda-gdb -batch -ex run -ex bt --args python3 -c "$repro" 2>&1 | grep -E "^#|signal" | head -30
+fi
 
 stage "tests (pytest -n 8) beside compute-sanitizer over the CUDA tests"
 (

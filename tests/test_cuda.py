@@ -118,7 +118,52 @@ def test_cuda_graph_capture_and_replay():
     assert not torch.equal(z, first)  # each replay draws new noise (the Philox offset advances)
     expected = reference.vae_loss(recon.double(), x.double(), mu.double(), logvar.double(), logits=True)
     assert relative_error(loss, expected) <= TOLERANCE[torch.float32]
-    assert torch.isfinite(grad_recon).all()
+    # The replayed kernels are the eager ones, deterministic: the same bits, gradients included.
+    eager = torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, True, 1.0, "sum", [True, False, True, True])
+    assert torch.equal(loss, eager[0]) and torch.equal(grad_recon, eager[1])
+    _, _, _, grad_mu, grad_logvar = (t for t in eager)
+    ref = [t.double().requires_grad_() for t in (recon, x, mu, logvar)]
+    reference.vae_loss(*ref, logits=True).backward()
+    assert relative_error(grad_recon, ref[0].grad) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_mu, ref[2].grad) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_logvar, ref[3].grad) <= TOLERANCE[torch.float32]
+
+
+@requires_cuda
+def test_graph_replay_gives_eager_gradients_through_autograd():
+    """A captured forward+backward through autograd, with grad_output != 1 so the device-side
+    scaling runs too, replays to the bits of the same step run eagerly."""
+    inputs = sample_inputs(128, 784, 20, logits=True, device="cuda", seed=5)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+
+    def step():
+        loss = vae_fast.vae_loss(*leaves, logits=True, beta=0.5) * 2.5
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for leaf in leaves:  # backward accumulates in place into these, inside the graph's memory
+            leaf.grad = torch.zeros_like(leaf)
+        loss = step()
+    graph.replay()
+    graph.replay()  # replays do not accumulate: the zeroing is captured too
+    replayed_loss, replayed = loss.clone(), [leaf.grad.clone() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    eager_loss = step()
+    assert torch.equal(replayed_loss, eager_loss)
+    for got, leaf in zip(replayed, leaves):
+        assert torch.equal(got, leaf.grad)
+    ref = [t.double().requires_grad_() for t in inputs]
+    (reference.vae_loss(*ref, logits=True, beta=0.5) * 2.5).backward()
+    for got, want in zip(replayed, ref):
+        assert relative_error(got, want.grad) <= TOLERANCE[torch.float32]
 
 
 @requires_cuda
@@ -136,13 +181,99 @@ def test_torch_compile_fullgraph_cuda():
 
 
 @requires_cuda
-def test_out_of_domain_inputs_give_nan_on_cuda():
-    """No data-dependent check on CUDA (it would sync the stream): such samples' losses are NaN."""
-    recon, x, mu, logvar = sample_inputs(4, 10, 3, logits=False, device="cuda")
+@pytest.mark.parametrize("features", [10, 64], ids=["elements", "packs"])
+def test_out_of_domain_inputs_give_nan_on_cuda(features):
+    """No data-dependent check on CUDA (it would sync the stream): such samples' losses are NaN, and
+    so are the gradients of the out-of-domain elements (p = 1.5 once gave ~1.5e12: an optimizer step
+    would have moved on it), while every other element's gradient stays finite."""
+    recon, x, mu, logvar = sample_inputs(4, features, 3, logits=False, device="cuda")
     recon[1, 2] = 1.5
     x[2, 3] = -0.5
     loss = vae_fast.vae_loss(recon, x, mu, logvar, reduction="none")
     assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and torch.isfinite(loss[[0, 3]]).all()
+    _, grads = loss_and_grads(vae_fast.vae_loss, [recon, x, mu, logvar], reduction="none")
+    bad = torch.zeros_like(recon, dtype=torch.bool)
+    bad[1, 2] = bad[2, 3] = True
+    for grad in grads[:2]:  # recon and x
+        assert torch.isnan(grad[bad]).all() and torch.isfinite(grad[~bad]).all()
+    assert all(torch.isfinite(g).all() for g in grads[2:])  # the KL term's inputs were in its domain
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("features", [64, 784], ids=str)
+def test_misaligned_views_give_the_bits_of_aligned_copies(dtype, features):
+    """A contiguous view one element past a 16-byte boundary must walk the row like an aligned copy
+    (same sums, same bits), for the loss and for reparameterize under one seed."""
+    def misaligned(t):
+        flat = torch.empty(t.numel() + 1, device="cuda", dtype=t.dtype)
+        view = flat[1:].view(t.shape)
+        view.copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 16 != 0
+        return view
+
+    inputs = sample_inputs(9, features, 64, logits=True, dtype=dtype, device="cuda", seed=6)
+    shifted = [misaligned(t) for t in inputs]
+    for reduction in REDUCTIONS:
+        loss, grads = loss_and_grads(vae_fast.vae_loss, inputs, logits=True, reduction=reduction)
+        loss_s, grads_s = loss_and_grads(vae_fast.vae_loss, shifted, logits=True, reduction=reduction)
+        assert torch.equal(loss, loss_s), reduction
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_s)), reduction
+    mu, logvar = inputs[2], inputs[3]
+    z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator("cuda").manual_seed(4))
+    z_s = vae_fast.reparameterize(misaligned(mu), misaligned(logvar), generator=torch.Generator("cuda").manual_seed(4))
+    assert torch.equal(z, z_s)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_output_scales_gradients_on_cuda(reduction, dtype):
+    """backward with grad_output != 1 (scaled losses, GradScaler): the device-side scaling."""
+    inputs = sample_inputs(33, 784, 16, logits=True, dtype=dtype, device="cuda", seed=8)
+    shape = (33,) if reduction == "none" else ()
+    grad_output = torch.randn(shape, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    assert_parity(inputs, dtype, grad_output=grad_output, logits=True, reduction=reduction)
+
+
+@requires_cuda
+def test_forward_and_backward_never_sync_the_host():
+    """The README promises no device-to-host sync in the ops: torch raises under "error" mode if one does."""
+    inputs = [t.requires_grad_() for t in sample_inputs(64, 784, 20, logits=True, device="cuda")]
+    generator = torch.Generator("cuda").manual_seed(0)
+    for reduction in REDUCTIONS:
+        for factor in (1.0, 2.5):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                z = vae_fast.reparameterize(inputs[2], inputs[3], generator=generator)
+                loss = vae_fast.vae_loss(*inputs, logits=True, reduction=reduction) * factor
+                (loss.sum() + z.sum()).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_on_cuda_gives_the_loss_of_the_promoted_inputs(dtype):
+    """Under autocast the op sees the decoder's low-precision output against float32 data: it
+    promotes once (as outside autocast), returns float32, and the layer gets the same gradient as
+    the same tensors give without autocast; both match float64 within float32's tolerance."""
+    recon, x, mu, logvar = sample_inputs(16, 64, 4, logits=False, device="cuda")
+    layer = torch.nn.Linear(64, 64).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        probs = torch.sigmoid(layer(recon))
+        loss = vae_fast.vae_loss(probs, x, mu, logvar)
+    assert probs.dtype == dtype and loss.dtype == torch.float32
+    (grad_probs,) = torch.autograd.grad(loss, probs)
+    assert grad_probs.dtype == dtype
+    same_inputs = [probs.detach().float(), x, mu, logvar]
+    outside, grads = loss_and_grads(vae_fast.vae_loss, same_inputs)
+    assert torch.equal(loss.detach(), outside) and torch.equal(grad_probs, grads[0].to(dtype))
+    ref, ref_grads = loss_and_grads(reference.vae_loss, [t.double() for t in same_inputs])
+    assert relative_error(loss, ref) <= TOLERANCE[torch.float32]
+    assert relative_error(grads[0], ref_grads[0]) <= TOLERANCE[torch.float32]
 
 
 def _training_benchmark_module():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vae_fast
 from vae_fast import reference
-from conftest import TOLERANCE, relative_error
+from conftest import DEVICES, TOLERANCE, relative_error
 
 SIZES = [(1, 1, 1), (7, 33, 5), (33, 257, 20), (257, 1000, 64), (1000, 7, 3), (2, 5000, 2)]
 REDUCTIONS = ["sum", "mean", "none"]
@@ -346,11 +346,36 @@ def test_mixed_dtypes_are_promoted():
     assert relative_error(loss, expected) <= 1e-5
 
 
-def test_second_backward_through_a_scaled_loss_is_refused():
-    inputs = [t.requires_grad_() for t in sample_inputs(3, 5, 2, logits=True)]
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_backward_through_a_scaled_loss_is_refused(device):
+    """The saved gradients are scaled in place: a second backward must fail autograd's version check
+    on every device (on CUDA, where the kernel writes through a raw pointer, it used to return 12g
+    instead of 6g for `loss * 3`)."""
+    inputs = [t.requires_grad_() for t in sample_inputs(3, 5, 2, logits=True, device=device)]
     loss = vae_fast.vae_loss(*inputs, logits=True) * 3.0
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="second backward through this loss is not supported after a backward whose grad_output was 3"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_repeated_backward_after_grad_output_one_accumulates_exactly(device, reduction):
+    """grad_output 1 changes nothing in place, so backward may run again through a retained graph
+    (gradcheck does): the second gives the same gradient again, and a third after a scaled second
+    is refused."""
+    inputs = sample_inputs(4, 9, 3, logits=True, device=device, seed=3)
+    _, once = loss_and_grads(vae_fast.vae_loss, inputs, logits=True, reduction=reduction)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    loss = vae_fast.vae_loss(*leaves, logits=True, reduction=reduction)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    for leaf, g in zip(leaves, once):
+        assert torch.equal(leaf.grad, 2 * g)
+    loss.backward(torch.tensor(0.5, device=device), retain_graph=True)
+    for leaf, g in zip(leaves, once):
+        assert torch.equal(leaf.grad, 2.5 * g)
+    with pytest.raises(RuntimeError, match="grad_output was 0.5"):
         loss.backward()
 
 
@@ -373,13 +398,33 @@ def test_backward_scales_low_precision_gradients_in_float(dtype):
             assert torch.equal(times.grad, expected), (factor, (times.grad.double() - expected.double()).abs().max())
 
 
-def test_scale_by_grad_output_op():
-    grad = torch.randn(4, 5)
-    for factor in (torch.tensor(1.0), torch.tensor(-2.5)):
-        torch.library.opcheck(torch.ops.vae_fast.scale_by_grad_output_.default, (grad.clone(), factor))
-        scaled = grad.clone()
-        torch.ops.vae_fast.scale_by_grad_output_(scaled, factor)
-        assert torch.equal(scaled, grad * factor)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_scale_by_grad_output_op(device, dtype):
+    """One call scales every tensor of the list (empty ones included), in float, and bumps each
+    tensor's version once, so autograd sees the change (CUDA writes through a raw pointer)."""
+    op = torch.ops.vae_fast.scale_by_grad_output_
+    grads = [torch.randn(shape, device=device, dtype=dtype) for shape in [(4, 5), (0,), (3,), (70000,)]]
+    factor_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for value in (1.0, -2.5, 1.001):
+        factor = torch.tensor(value, device=device, dtype=factor_dtype)
+        torch.library.opcheck(op.default, ([g.clone() for g in grads], factor))
+        scaled = [g.clone() for g in grads]
+        versions = [g._version for g in scaled]
+        op(scaled, factor)
+        for before, after, version in zip(grads, scaled, versions):
+            assert after._version == version + 1
+            assert torch.equal(after, (before.to(factor_dtype) * value).to(dtype))
+
+
+def test_scale_by_grad_output_op_checks_its_arguments():
+    op = torch.ops.vae_fast.scale_by_grad_output_
+    with pytest.raises(ValueError, match="grad_output must have one element"):
+        op([torch.ones(3)], torch.ones(2))
+    with pytest.raises(TypeError, match="must share one"):
+        op([torch.ones(3), torch.ones(3, dtype=torch.float64)], torch.tensor(2.0))
+    with pytest.raises(ValueError, match="contiguous"):
+        op([torch.ones(3, 4).t()], torch.tensor(2.0))
 
 
 @pytest.mark.parametrize("case", ["tiny", "near_one", "denormal"])

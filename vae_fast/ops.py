@@ -34,5 +34,5 @@ if _extension.extension_loaded():
         return (loss, *grads)
 
     @torch.library.register_fake("vae_fast::scale_by_grad_output_")
-    def _scale_by_grad_output_fake(grad, grad_output):
+    def _scale_by_grad_output_fake(grads, grad_output):
         return None

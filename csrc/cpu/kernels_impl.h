@@ -145,10 +145,11 @@ double bce_block(const scalar_t* r, const scalar_t* x, int64_t n, scalar_t* grad
   return static_cast<double>(sum_lanes(acc.loss) + acc.tail_loss);
 }
 
-// KL of one sample's latents; gradients (times `scale`) written where non-null.
+// KL of one sample's latents; gradients (times `scale`) written where non-null. zero_weight: the
+// KL will be multiplied by beta = 0 (see logvar_for_zero_weight).
 template <typename scalar_t>
 double kl_row(const scalar_t* mu, const scalar_t* lv, int64_t n, scalar_t* grad_mu,
-              scalar_t* grad_lv, double scale) {
+              scalar_t* grad_lv, double scale, bool zero_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
@@ -160,6 +161,10 @@ double kl_row(const scalar_t* mu, const scalar_t* lv, int64_t n, scalar_t* grad_
     const int64_t m = std::min(kStage, n - start);
     const acc_t* m_ptr = as_acc(mu + start, mu_buf, m);
     const acc_t* l_ptr = as_acc(lv + start, lv_buf, m);
+    if (zero_weight) {
+      for (int64_t j = 0; j < m; ++j) lv_buf[j] = logvar_for_zero_weight(l_ptr[j]);
+      l_ptr = lv_buf;
+    }
     acc_t* gm = grad_mu ? acc_destination(grad_mu + start, gmu_buf) : nullptr;
     acc_t* gl = grad_lv ? acc_destination(grad_lv + start, glv_buf) : nullptr;
     int64_t i = 0;
@@ -218,7 +223,7 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t o = row * L;
       const double kl = kl_row(mu + o, lv + o, L, grad_mu ? grad_mu + o : nullptr,
-                               grad_lv ? grad_lv + o : nullptr, p.beta * p.grad_scale);
+                               grad_lv ? grad_lv + o : nullptr, p.beta * p.grad_scale, p.beta == 0.0);
       double reconstruction = 0.0;
       for (int64_t c = 0; c < blocks_per_row; ++c) reconstruction += block_loss[row * blocks_per_row + c];
       p.row_loss[row] = reconstruction + p.beta * kl;

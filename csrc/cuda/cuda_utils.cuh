@@ -26,6 +26,31 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, N>& pack) {
   *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
 }
 
+// The same N elements read or written one by one, for pointers that are not pack-aligned: kernels
+// keep the packed traversal (hence the packed order of their sums), so a misaligned view gives the
+// bits of an aligned copy.
+template <typename T, int N, bool kAligned>
+__device__ __forceinline__ Pack<T, N> load_pack_any(const T* ptr) {
+  if constexpr (kAligned) {
+    return load_pack<T, N>(ptr);
+  } else {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int k = 0; k < N; ++k) pack.v[k] = ptr[k];
+    return pack;
+  }
+}
+
+template <typename T, int N, bool kAligned>
+__device__ __forceinline__ void store_pack_any(T* ptr, const Pack<T, N>& pack) {
+  if constexpr (kAligned) {
+    store_pack(ptr, pack);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) ptr[k] = pack.v[k];
+  }
+}
+
 // Butterfly sum over a warp: a fixed order, so the same inputs give the same bits every run.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T value) {

@@ -4,7 +4,8 @@
 // order: no float atomics, so loss and gradients are bitwise reproducible.
 //
 // Inputs outside the Bernoulli domain (probabilities or targets outside [0, 1]) are not checked
-// here, since a check would need a device-to-host sync: they make that sample's loss NaN instead.
+// here, since a check would need a device-to-host sync: they make that element's loss and
+// gradients NaN instead (hence the sample's loss and the reduced loss).
 #include "../vae_loss_common.h"
 #include "../vae_math.h"
 #include "cuda_utils.cuh"
@@ -41,11 +42,13 @@ template <bool kLogits, typename acc_t>
 __device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
   math::BceTerm<acc_t> t = kLogits ? math::bce_from_logits(r, x) : math::bce_from_probs(r, x);
   const bool in_domain = (x >= acc_t(0) && x <= acc_t(1)) && (kLogits || (r >= acc_t(0) && r <= acc_t(1)));
-  if (!in_domain) t.loss = acc_t(NAN);
+  // The gradients too: a finite gradient of a NaN loss (p = 1.5 gives ~1.5e12) would let an
+  // optimizer step move on garbage.
+  if (!in_domain) t.loss = t.d_recon = t.d_target = acc_t(NAN);
   return t;
 }
 
-template <typename scalar_t, bool kLogits, int kVec>
+template <typename scalar_t, bool kLogits, int kVec, bool kAligned>
 __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<scalar_t> a, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
@@ -59,11 +62,12 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
   acc_t sum(0);
-  // kVec > 1 only when every pointer is pack-aligned and features % kVec == 0 (checked on the host).
+  // kVec > 1 only when features % kVec == 0; kAligned when every pointer is pack-aligned too
+  // (both checked on the host). The traversal, hence the order of the sum, depends on kVec alone.
 #pragma unroll 4
   for (int64_t i = begin + lane * kVec; i < end; i += kWarp * kVec) {
-    const Pack<scalar_t, kVec> r = load_pack<scalar_t, kVec>(a.recon + i);
-    const Pack<scalar_t, kVec> x = load_pack<scalar_t, kVec>(a.target + i);
+    const Pack<scalar_t, kVec> r = load_pack_any<scalar_t, kVec, kAligned>(a.recon + i);
+    const Pack<scalar_t, kVec> x = load_pack_any<scalar_t, kVec, kAligned>(a.target + i);
     Pack<scalar_t, kVec> gr, gx;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -72,8 +76,8 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
       gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
       gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
     }
-    if (a.grad_recon) store_pack(a.grad_recon + i, gr);
-    if (a.grad_target) store_pack(a.grad_target + i, gx);
+    if (a.grad_recon) store_pack_any<scalar_t, kVec, kAligned>(a.grad_recon + i, gr);
+    if (a.grad_target) store_pack_any<scalar_t, kVec, kAligned>(a.grad_target + i, gx);
   }
   sum = warp_sum(sum);
 
@@ -81,7 +85,9 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
     const acc_t kl_scale = static_cast<acc_t>(a.beta * a.grad_scale);
     acc_t kl(0);
     for (int64_t j = row * a.latents + lane; j < (row + 1) * a.latents; j += kWarp) {
-      const math::KlTerm<acc_t> t = math::kl_standard_normal(static_cast<acc_t>(a.mu[j]), static_cast<acc_t>(a.logvar[j]));
+      const acc_t lv = static_cast<acc_t>(a.logvar[j]);
+      const math::KlTerm<acc_t> t =
+          math::kl_standard_normal(static_cast<acc_t>(a.mu[j]), a.beta == 0.0 ? math::logvar_for_zero_weight(lv) : lv);
       kl += t.kl;
       if (a.grad_mu) a.grad_mu[j] = static_cast<scalar_t>(t.d_mu * kl_scale);
       if (a.grad_logvar) a.grad_logvar[j] = static_cast<scalar_t>(t.d_logvar * kl_scale);
@@ -120,29 +126,38 @@ __global__ void __launch_bounds__(kReduceThreads) total_loss_kernel(const acc_t*
   if (threadIdx.x == 0) out[0] = static_cast<acc_t>(shared[0] / divisor);
 }
 
-template <typename scalar_t, bool kLogits, int kVec>
+template <typename scalar_t, bool kLogits, int kVec, bool kAligned>
 void launch_partials(const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
   const int64_t items = args.batch * args.chunks_per_row;
   const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  vae_loss_partials_kernel<scalar_t, kLogits, kVec><<<blocks, kThreads, 0, stream>>>(args, partial);
+  vae_loss_partials_kernel<scalar_t, kLogits, kVec, kAligned><<<blocks, kThreads, 0, stream>>>(args, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// How the partials kernel walks a row: 16-byte packs (features a multiple of the pack width, every
+// pointer aligned), the same packs read element by element (misaligned views: same sums, same bits),
+// or single elements (other feature counts).
+enum class Walk { aligned_packs, unaligned_packs, elements };
+
+template <typename scalar_t, bool kLogits>
+void launch_partials_for(Walk walk, const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
+  constexpr int kPack = 16 / sizeof(scalar_t);
+  switch (walk) {
+    case Walk::aligned_packs: return launch_partials<scalar_t, kLogits, kPack, true>(args, partial, stream);
+    case Walk::unaligned_packs: return launch_partials<scalar_t, kLogits, kPack, false>(args, partial, stream);
+    case Walk::elements: return launch_partials<scalar_t, kLogits, 1, true>(args, partial, stream);
+  }
+}
+
 template <typename scalar_t>
-void launch_loss(const LossArgs<scalar_t>& args, bool logits, bool vectorized, Reduction reduction,
+void launch_loss(const LossArgs<scalar_t>& args, bool logits, Walk walk, Reduction reduction,
                  at::Tensor& partial, at::Tensor& loss) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kPack = 16 / sizeof(scalar_t);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
   if (args.batch > 0) {
-    if (logits) {
-      vectorized ? launch_partials<scalar_t, true, kPack>(args, partial_ptr, stream)
-                 : launch_partials<scalar_t, true, 1>(args, partial_ptr, stream);
-    } else {
-      vectorized ? launch_partials<scalar_t, false, kPack>(args, partial_ptr, stream)
-                 : launch_partials<scalar_t, false, 1>(args, partial_ptr, stream);
-    }
+    logits ? launch_partials_for<scalar_t, true>(walk, args, partial_ptr, stream)
+           : launch_partials_for<scalar_t, false>(walk, args, partial_ptr, stream);
   }
   if (reduction == Reduction::none) {
     if (args.batch == 0) return;
@@ -189,11 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     args.beta = beta;
     args.grad_scale = call.grad_scale;
     constexpr int64_t kPackBytes = 16;
-    const bool vectorized = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0 &&
-                            aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
-                            (!args.grad_recon || aligned_to(args.grad_recon, kPackBytes)) &&
-                            (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
-    launch_loss<scalar_t>(args, logits, vectorized, red, partial, loss);
+    const bool packed = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0;
+    const bool aligned = aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
+                         (!args.grad_recon || aligned_to(args.grad_recon, kPackBytes)) &&
+                         (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
+    const Walk walk = !packed ? Walk::elements : aligned ? Walk::aligned_packs : Walk::unaligned_packs;
+    launch_loss<scalar_t>(args, logits, walk, red, partial, loss);
   });
   return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar};
 }
