@@ -41,10 +41,12 @@ struct LossArgs {
 template <bool kLogits, typename acc_t>
 __device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
   math::BceTerm<acc_t> t = kLogits ? math::bce_from_logits(r, x) : math::bce_from_probs(r, x);
-  const bool in_domain = (x >= acc_t(0) && x <= acc_t(1)) && (kLogits || (r >= acc_t(0) && r <= acc_t(1)));
+  // Comparisons with NaN are false: a NaN input is not "outside" here, it propagates by itself
+  // (into the loss, and into each gradient that depends on it, as on the CPU).
+  const bool outside = (x < acc_t(0) || x > acc_t(1)) || (!kLogits && (r < acc_t(0) || r > acc_t(1)));
   // The gradients too: a finite gradient of a NaN loss (p = 1.5 gives ~1.5e12) would let an
   // optimizer step move on garbage.
-  if (!in_domain) t.loss = t.d_recon = t.d_target = acc_t(NAN);
+  if (outside) t.loss = t.d_recon = t.d_target = acc_t(NAN);
   return t;
 }
 
