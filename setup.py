@@ -16,6 +16,8 @@ import glob
 import json
 import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -55,6 +57,7 @@ class BuildExtension(cpp_extension.BuildExtension):
             )
             ext.sources.remove(source)
         super().build_extension(ext)
+        check_shared_libstdcxx(Path(self.get_ext_fullpath(ext.name)))
         self._write_build_record(ext)
 
     def _write_build_record(self, ext):
@@ -77,6 +80,29 @@ class BuildExtension(cpp_extension.BuildExtension):
             built = Path(self.build_lib) / self.get_ext_filename(ext.name)
             in_source = Path(build_py.get_package_dir(package)) / built.name
             write_beside(in_source, (built.parent / BUILD_RECORD).read_text())
+
+
+def check_shared_libstdcxx(library: Path) -> None:
+    """Refuse a library that carries its own copy of libstdc++ (linked statically).
+
+    torch loads the shared libstdc++; a second, static copy inside the extension has its own locale
+    facet ids, so iostream number formatting, used by every error message that prints a number,
+    picks a wrong facet and crashes the process (seen on a GPU image whose g++ wrapper searched a
+    directory holding only libstdc++.a). Linux/ELF only, where readelf is at hand (binutils, which
+    linked the library, brings it)."""
+    readelf = shutil.which("readelf")
+    if platform.system() != "Linux" or readelf is None:
+        return
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    if "libstdc++.so" in dynamic:
+        return
+    compiler = os.environ.get("CXX", "c++")
+    raise RuntimeError(
+        f"{library.name} was linked without the shared libstdc++ (no 'NEEDED libstdc++.so' in `readelf -d`): "
+        f"the C++ compiler ({compiler}) linked libstdc++ statically. torch uses the shared one, and two "
+        "copies in one process crash on the first error message that prints a number. Build with a "
+        "compiler whose -lstdc++ finds libstdc++.so, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc."
+    )
 
 
 def write_beside(library: Path, record: str) -> None:
@@ -128,12 +154,6 @@ def extension():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     macros.append(("VAE_FAST_WITH_CUDA", None))
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    if "CC" not in os.environ and "CXX" in os.environ:
-        # nvcc compiles the .cu files' host code with `gcc` from PATH unless told (torch passes
-        # -ccbin $CC only); the .cpp files use $CXX. Two GCCs in one library mix two libstdc++
-        # headers' inline code under one symbol name (the linker keeps one copy), so both halves
-        # get the same compiler.
-        nvcc += ["-ccbin", os.environ["CXX"]]
     if os.environ.get("VAE_FAST_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     return cpp_extension.CUDAExtension(
@@ -147,10 +167,11 @@ def extension():
     )
 
 
-setup(
-    packages=find_packages(include=["vae_fast", "vae_fast.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
-    # cp310: the oldest Python pyproject.toml accepts; csrc/ops.cpp defines Py_LIMITED_API to match.
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
-)
+if __name__ == "__main__":  # pip's backend and `python setup.py` run it as __main__; tests import the helpers
+    setup(
+        packages=find_packages(include=["vae_fast", "vae_fast.*"]),
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension},
+        # cp310: the oldest Python pyproject.toml accepts; csrc/ops.cpp defines Py_LIMITED_API to match.
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )

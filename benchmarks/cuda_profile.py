@@ -15,6 +15,7 @@ separates the two:
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -105,9 +106,10 @@ def _kernel_times(run, calls=20) -> dict[str, float]:
 
 
 def _short(kernel: str) -> str:
-    """`void vae_fast::cuda::(anonymous namespace)::scale_kernel<float, float>(...)` -> `scale_kernel`."""
-    name = kernel.removeprefix("void ").split("(", 1)[0] if "(anonymous" not in kernel else kernel.split("::")[-1]
-    return name.split("<", 1)[0].split("::")[-1]
+    """The kernel's own name: the first identifier followed (after its template arguments) by the
+    parameter list, so namespaces like `(anonymous namespace)` and parameter types drop out."""
+    match = re.search(r"(\w+)(?:<[^()]*>)?\(", kernel.removeprefix("void "))
+    return match.group(1) if match else kernel
 
 
 def main() -> None:

@@ -97,3 +97,32 @@ def test_library_built_for_another_torch_is_not_loaded(tmp_path):
     assert seen["loss"] == pytest.approx(6 * 0.6931471805599453, rel=1e-6)  # BCE(0.5, 1) = log 2, KL = 0
     info = subprocess.run([sys.executable, "-m", "vae_fast", "info"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert info.returncode == 0 and expected in info.stdout
+
+
+def _setup_module():
+    """setup.py's helpers, imported without running setup() (it runs only as __main__)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ELF libraries: the check applies to Linux builds")
+def test_build_refuses_a_library_with_its_own_static_libstdcxx(tmp_path):
+    """A second (static) libstdc++ beside torch's shared one crashed every error message that prints
+    a number on a GPU image whose g++ found only libstdc++.a; the build must stop with the fix."""
+    setup_module = _setup_module()
+    source = tmp_path / "fmt.cpp"
+    source.write_text('#include <sstream>\n#include <string>\n'
+                      'std::string fmt(double d) { std::ostringstream s; s << d; return s.str(); }\n')
+    compiler = os.environ.get("CXX", "c++")
+    shared, static = tmp_path / "shared.so", tmp_path / "static.so"
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(shared)], check=True)
+    subprocess.run([compiler, "-shared", "-fPIC", "-static-libstdc++", str(source), "-o", str(static)], check=True)
+    setup_module.check_shared_libstdcxx(shared)
+    with pytest.raises(RuntimeError, match=r"linked libstdc\+\+ statically.*CXX=/usr/bin/g\+\+"):
+        setup_module.check_shared_libstdcxx(static)
+    # and the library this suite runs against passed it
+    setup_module.check_shared_libstdcxx(Path(_extension._C.__file__))
