@@ -28,11 +28,27 @@ at::Tensor reparameterize_op(const at::Tensor& mu, const at::Tensor& logvar, std
   return op.call(mu, logvar, std::move(generator));
 }
 
-at::Tensor reparameterize_backward_op(const at::Tensor& grad_z, const at::Tensor& z, const at::Tensor& mu) {
+std::tuple<at::Tensor, at::Tensor> reparameterize_sample_op(const at::Tensor& mu, const at::Tensor& logvar,
+                                                            std::optional<at::Generator> generator) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("vae_fast::reparameterize_sample", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, std::optional<at::Generator>)>();
+  return op.call(mu, logvar, std::move(generator));
+}
+
+at::Tensor reparameterize_backward_op(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& state) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("vae_fast::reparameterize_backward", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad_z, z, mu);
+  return op.call(grad_z, logvar, state);
+}
+
+at::Tensor reparameterize_noise_op(const at::Tensor& logvar, const at::Tensor& state) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vae_fast::reparameterize_noise", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(logvar, state);
 }
 
 LossResult vae_loss_op(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
@@ -78,8 +94,11 @@ class Reparameterize : public torch::autograd::Function<Reparameterize> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar,
                             std::optional<at::Generator> generator) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor z = reparameterize_op(mu, logvar, std::move(generator));
-    ctx->save_for_backward({z, mu});  // d z / d logvar = 0.5 (z - mu): no noise kept
+    auto [z, noise_state] = reparameterize_sample_op(mu, logvar, std::move(generator));
+    // d z / d logvar = 0.5 exp(0.5 logvar) eps, with eps drawn again from the call's noise state in
+    // backward: no eps and no z kept, and exact in every dtype (0.5 (z - mu) from the rounded z
+    // cancels where sigma * eps is small next to mu's spacing).
+    ctx->save_for_backward({logvar, noise_state});
     return z;
   }
 
@@ -87,15 +106,23 @@ class Reparameterize : public torch::autograd::Function<Reparameterize> {
     const at::Tensor& grad_z = grads[0];
     if (!grad_z.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &z = saved[0], &mu = saved[1];
+    const at::Tensor &logvar = saved[0], &noise_state = saved[1];
     at::Tensor grad_mu = ctx->needs_input_grad(0) ? grad_z : at::Tensor();
     at::Tensor grad_logvar;
     if (ctx->needs_input_grad(1)) {
-      // With create_graph=True the logvar gradient must itself be differentiable: written with torch
-      // ops on the saved z (an output of this node, so d z / d logvar flows back through it again),
-      // it gives d2z/dlogvar2 = 0.25 * sigma * eps. The fused kernel is opaque to autograd.
-      grad_logvar = at::GradMode::is_enabled() && !is_traced(grad_z) ? 0.5 * grad_z * (z - mu)
-                                                                    : reparameterize_backward_op(grad_z, z, mu);
+      if (at::GradMode::is_enabled() && !is_traced(grad_z)) {
+        // create_graph=True: the gradient must itself be differentiable, so it is written with torch
+        // ops around the regenerated eps (a constant): d2z/dlogvar2 = 0.25 * sigma * eps. The
+        // fused kernel is opaque to autograd.
+        at::Tensor eps;
+        {
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
+          eps = reparameterize_noise_op(logvar, noise_state);
+        }
+        grad_logvar = 0.5 * grad_z * at::exp(0.5 * logvar) * eps;
+      } else {
+        grad_logvar = reparameterize_backward_op(grad_z, logvar, noise_state);
+      }
     }
     return {grad_mu, grad_logvar, at::Tensor()};
   }
@@ -179,6 +206,10 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
 };
 
 at::Tensor reparameterize_autograd(const at::Tensor& mu, const at::Tensor& logvar, std::optional<at::Generator> generator) {
+  if (!at::GradMode::is_enabled() || !(mu.requires_grad() || logvar.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // nothing to differentiate: no node, no noise state
+    return reparameterize_op(mu, logvar, std::move(generator));
+  }
   return Reparameterize::apply(mu, logvar, std::move(generator));
 }
 

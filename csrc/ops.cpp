@@ -41,7 +41,15 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(vae_fast, m) {
   m.def("reparameterize(Tensor mu, Tensor logvar, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
-  m.def("reparameterize_backward(Tensor grad_z, Tensor z, Tensor mu) -> Tensor");
+  // What autograd calls instead: also returns the noise state, int64 [seed, offset] on mu's device
+  // (written by the kernel on CUDA, so a captured graph's replays record their own), from which the
+  // two ops below draw the same eps again: the backward needs no stored eps and no stored z.
+  m.def("reparameterize_sample(Tensor mu, Tensor logvar, Generator? generator=None) -> (Tensor, Tensor)",
+        {at::Tag::nondeterministic_seeded});
+  // grad_logvar = 0.5 * grad_z * exp(0.5 * logvar) * eps (grad_mu is grad_z itself).
+  m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor noise_state) -> Tensor");
+  // eps itself, in logvar's shape and dtype (for a differentiable double backward).
+  m.def("reparameterize_noise(Tensor logvar, Tensor noise_state) -> Tensor");
   // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar); a gradient is an empty tensor unless
   // its grad_mask entry is set. Gradients are of the reduced loss (before scaling by grad_output).
   m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, bool logits, float beta, str reduction, "

@@ -16,15 +16,22 @@ inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& 
                     " but logvar is on ", logvar.device());
 }
 
-inline void check_reparameterize_backward_inputs(const at::Tensor& grad_z, const at::Tensor& z,
-                                                 const at::Tensor& mu) {
-  TORCH_CHECK(grad_z.sizes() == mu.sizes() && z.sizes() == mu.sizes(),
-              "reparameterize_backward: grad_z, z and mu must have one shape, got ", grad_z.sizes(), ", ",
-              z.sizes(), " and ", mu.sizes());
-  TORCH_CHECK(grad_z.scalar_type() == mu.scalar_type() && z.scalar_type() == mu.scalar_type(),
-              "reparameterize_backward: grad_z, z and mu must share one dtype");
-  TORCH_CHECK(grad_z.device() == mu.device() && z.device() == mu.device(),
-              "reparameterize_backward: grad_z, z and mu must be on one device");
+// The noise state of one reparameterize call: int64 [seed, offset], on the data's device.
+inline void check_noise_state(const char* op, const at::Tensor& state, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(state.scalar_type() == at::kLong && state.numel() == 2 && state.is_contiguous(), op,
+                    ": noise_state must be the contiguous int64 [seed, offset] pair from reparameterize_sample");
+  TORCH_CHECK_VALUE(state.device() == like.device(), op, ": noise_state is on ", state.device(), " but logvar is on ",
+                    like.device());
+}
+
+inline void check_reparameterize_backward_inputs(const at::Tensor& grad_z, const at::Tensor& logvar,
+                                                 const at::Tensor& state) {
+  TORCH_CHECK_VALUE(grad_z.sizes() == logvar.sizes(), "reparameterize_backward: grad_z and logvar must have one shape, got ",
+                    grad_z.sizes(), " and ", logvar.sizes());
+  TORCH_CHECK_TYPE(grad_z.scalar_type() == logvar.scalar_type(),
+                   "reparameterize_backward: grad_z and logvar must share one dtype");
+  TORCH_CHECK_VALUE(grad_z.device() == logvar.device(), "reparameterize_backward: grad_z and logvar must be on one device");
+  check_noise_state("reparameterize_backward", state, logvar);
 }
 
 }  // namespace vae_fast

@@ -6,6 +6,8 @@
 // (select_nonneg instead of ?:) so that the same text works for both.
 #pragma once
 
+#include "noise_use.h"
+
 #include <cmath>
 #include <cstdint>
 
@@ -133,10 +135,23 @@ VAE_HD T reparameterize_sample(T mu, T lv, T eps) {
   return mu + exp_(T(0.5) * lv) * eps;
 }
 
-// d z / d logvar = 0.5 exp(0.5 lv) eps = 0.5 (z - mu): no need to keep eps.
+// d z / d logvar = 0.5 exp(0.5 lv) eps, with eps drawn again from the forward's Philox counters
+// (not 0.5 (z - mu) from the stored z: where sigma * eps is small next to the spacing of mu's dtype
+// that difference cancels, e.g. bfloat16 mu = 1, logvar = -8 gave 0 or +42%).
 template <typename T>
-VAE_HD T reparameterize_grad_logvar(T grad_z, T z, T mu) {
-  return T(0.5) * grad_z * (z - mu);
+VAE_HD T reparameterize_grad_logvar(T grad_z, T lv, T eps) {
+  return T(0.5) * grad_z * exp_(T(0.5) * lv) * eps;
+}
+
+template <NoiseUse kUse, typename T>
+VAE_HD T apply_noise(T a, T b, T eps) {
+  if constexpr (kUse == NoiseUse::sample) {
+    return reparameterize_sample(a, b, eps);
+  } else if constexpr (kUse == NoiseUse::grad_logvar) {
+    return reparameterize_grad_logvar(a, b, eps);
+  } else {
+    return eps;
+  }
 }
 
 // ---- counter-based normal numbers ----

@@ -9,7 +9,8 @@ from vae_fast import _extension, reference
 from conftest import TOLERANCE, relative_error, requires_cuda
 from test_vae_loss import REDUCTIONS, assert_parity, loss_and_grads, sample_inputs
 
-OPS = ("vae_loss", "reparameterize", "reparameterize_backward", "scale_by_grad_output_")
+OPS = ("vae_loss", "reparameterize", "reparameterize_sample", "reparameterize_backward", "reparameterize_noise",
+       "scale_by_grad_output_")
 
 
 @pytest.mark.skipif(not _extension.cuda_kernels_compiled(), reason="extension built without CUDA kernels")
@@ -62,8 +63,12 @@ def test_opcheck_cuda():
     mu = torch.randn(6, 5, device="cuda", requires_grad=True)
     logvar = torch.full((6, 5), -float("inf"), device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.vae_fast.reparameterize.default, (mu, logvar, None))
-    args = tuple(torch.randn(4, 3, device="cuda") for _ in range(3))
+    _, state = torch.ops.vae_fast.reparameterize_sample(torch.randn(4, 3, device="cuda"), torch.randn(4, 3, device="cuda"))
+    assert state.device.type == "cuda" and state.dtype == torch.int64 and state.shape == (2,)
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_sample.default, (mu, logvar, None))
+    args = (torch.randn(4, 3, device="cuda"), torch.randn(4, 3, device="cuda"), state)
     torch.library.opcheck(torch.ops.vae_fast.reparameterize_backward.default, args)
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_noise.default, (args[1], state))
 
 
 @requires_cuda

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vae_fast
-from conftest import relative_error
+from conftest import DEVICES, relative_error
 
 SIZES = [1, 7, 33, 257, 1000, 100_003]
 
@@ -118,8 +118,12 @@ def test_opcheck():
         mu = torch.randn(6, 5, requires_grad=requires_grad)
         logvar = torch.full((6, 5), -float("inf"), requires_grad=requires_grad)
         torch.library.opcheck(torch.ops.vae_fast.reparameterize.default, (mu, logvar, None))
-    args = (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3))
-    torch.library.opcheck(torch.ops.vae_fast.reparameterize_backward.default, args)
+    _, state = torch.ops.vae_fast.reparameterize_sample(torch.randn(4, 3), torch.randn(4, 3))
+    assert state.dtype == torch.int64 and state.shape == (2,)
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_sample.default,
+                          (torch.randn(6, 5), torch.full((6, 5), -float("inf")), None))
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_backward.default, (torch.randn(4, 3), torch.randn(4, 3), state))
+    torch.library.opcheck(torch.ops.vae_fast.reparameterize_noise.default, (torch.randn(4, 3), state))
 
 
 def test_torch_compile_fullgraph():
@@ -169,3 +173,55 @@ def test_bad_input():
         vae_fast.reparameterize([0.0], torch.zeros(1))
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         vae_fast.reparameterize(mu, mu, generator=7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, mu_value, logvar_value",
+    [(torch.bfloat16, 1.0, -8.0), (torch.float16, 8.0, -6.0), (torch.float32, 100.0, -24.0), (torch.float64, 1e6, -60.0)],
+    ids=["bfloat16", "float16", "float32", "float64"],
+)
+def test_logvar_gradient_is_exact_where_z_minus_mu_cancels(device, dtype, mu_value, logvar_value):
+    """The backward draws eps again instead of using 0.5 (z - mu) from the rounded z, which cancels
+    where sigma * eps is small next to mu's spacing (bfloat16 mu=1, logvar=-8 gave 0 or +42%; float32
+    mu=100, logvar=-24 ~100%). Reference: float64 with the same eps, which mu = 0, logvar = 0 in the
+    compute dtype return exactly (z = 0 + 1 * eps)."""
+    n = 4099  # odd: the tail past the last whole Philox block too
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(n, dtype=compute, device=device)
+    eps = vae_fast.reparameterize(zeros, zeros, generator=torch.Generator(device).manual_seed(11)).double()
+    mu = torch.full((n,), mu_value, dtype=dtype, device=device, requires_grad=True)
+    logvar = torch.full((n,), logvar_value, dtype=dtype, device=device, requires_grad=True)
+    z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator(device).manual_seed(11))
+    g = (torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5).to(dtype).to(device)
+    z.backward(g)
+    expected = 0.5 * g.double() * torch.exp(0.5 * logvar.detach().double()) * eps
+    rtol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    error = (logvar.grad.double() - expected).abs()
+    assert bool((error <= rtol * expected.abs() + torch.finfo(dtype).tiny).all()), error.max()
+    assert torch.equal(mu.grad, g)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_same_seed_draws_the_same_noise_for_float32_and_half_inputs(device, dtype):
+    """Half-precision inputs draw eps in float, as float32 inputs do: with mu = 0 and logvar = 0 the
+    half result is the float32 one rounded once."""
+    zeros = torch.zeros(3000, device=device)
+    wide = vae_fast.reparameterize(zeros, zeros, generator=torch.Generator(device).manual_seed(5))
+    narrow = vae_fast.reparameterize(zeros.to(dtype), zeros.to(dtype), generator=torch.Generator(device).manual_seed(5))
+    assert torch.equal(narrow, wide.to(dtype))
+
+
+def test_noise_state_ops_draw_the_forward_eps():
+    """reparameterize_sample's state makes reparameterize_noise return exactly the eps of that call,
+    and reparameterize_backward the hand-derived gradient from it (CPU; CUDA in test_cuda.py)."""
+    mu, logvar = torch.randn(7, 33, dtype=torch.float64), torch.randn(7, 33, dtype=torch.float64)
+    z, state = torch.ops.vae_fast.reparameterize_sample(mu, logvar, torch.Generator().manual_seed(2))
+    eps = torch.ops.vae_fast.reparameterize_noise(logvar, state)
+    assert torch.allclose(z, mu + torch.exp(0.5 * logvar) * eps, rtol=1e-15, atol=1e-15)
+    g = torch.randn(7, 33, dtype=torch.float64)
+    grad = torch.ops.vae_fast.reparameterize_backward(g, logvar, state)
+    assert torch.allclose(grad, 0.5 * g * torch.exp(0.5 * logvar) * eps, rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="noise_state must be the contiguous int64"):
+        torch.ops.vae_fast.reparameterize_noise(logvar, state.double())

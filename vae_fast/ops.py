@@ -18,9 +18,18 @@ if _extension.extension_loaded():
         torch._check(mu.shape == logvar.shape, lambda: "reparameterize: mu and logvar must have the same shape")
         return mu.new_empty(mu.shape)
 
+    @torch.library.register_fake("vae_fast::reparameterize_sample")
+    def _reparameterize_sample_fake(mu, logvar, generator=None):
+        torch._check(mu.shape == logvar.shape, lambda: "reparameterize: mu and logvar must have the same shape")
+        return mu.new_empty(mu.shape), mu.new_empty((2,), dtype=torch.int64)
+
     @torch.library.register_fake("vae_fast::reparameterize_backward")
-    def _reparameterize_backward_fake(grad_z, z, mu):
-        return mu.new_empty(mu.shape)
+    def _reparameterize_backward_fake(grad_z, logvar, noise_state):
+        return logvar.new_empty(logvar.shape)
+
+    @torch.library.register_fake("vae_fast::reparameterize_noise")
+    def _reparameterize_noise_fake(logvar, noise_state):
+        return logvar.new_empty(logvar.shape)
 
     # ---- vae_loss ----
 

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../noise_use.h"
+
 #include <cstdint>
 
 namespace vae_fast {
@@ -35,23 +37,18 @@ struct LossDomainErrors {
   bool target_outside_unit = false;
 };
 
+// One pass that draws eps for every element from Philox (seed, offset) and writes
+// math::apply_noise<use>(a, b, eps): the sample z (a = mu, b = logvar), the logvar gradient
+// (a = grad_z, b = logvar), or eps itself (a, b unused, may be null).
 struct ReparameterizeProblem {
   at::ScalarType dtype;
-  const void* mu;
-  const void* logvar;
-  void* z;
+  math::NoiseUse use;
+  const void* a;
+  const void* b;
+  void* out;
   int64_t numel;
   uint64_t seed;
   uint64_t offset;
-};
-
-struct ReparameterizeBackwardProblem {
-  at::ScalarType dtype;
-  const void* grad_z;
-  const void* z;
-  const void* mu;
-  void* grad_logvar;
-  int64_t numel;
 };
 
 enum class Isa { generic, avx2 };
@@ -66,7 +63,6 @@ bool avx2_kernels_built();
   namespace ns {                                                           \
   LossDomainErrors vae_loss(const LossProblem& p);                         \
   void reparameterize(const ReparameterizeProblem& p);                     \
-  void reparameterize_backward(const ReparameterizeBackwardProblem& p);    \
   }
 VAE_FAST_DECLARE_KERNELS(generic)
 VAE_FAST_DECLARE_KERNELS(avx2)

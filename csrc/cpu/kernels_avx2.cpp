@@ -23,7 +23,6 @@ bool avx2_kernels_built() { return false; }
 namespace avx2 {
 LossDomainErrors vae_loss(const LossProblem& p) { return generic::vae_loss(p); }
 void reparameterize(const ReparameterizeProblem& p) { generic::reparameterize(p); }
-void reparameterize_backward(const ReparameterizeBackwardProblem& p) { generic::reparameterize_backward(p); }
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace vae_fast

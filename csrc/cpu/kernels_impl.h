@@ -280,21 +280,21 @@ void box_muller_span(const acc_t* u_radius, const acc_t* u_angle, int64_t n, acc
 // Elements handled by one task: a multiple of the 4 normals one Philox block gives.
 constexpr int64_t kNoiseChunk = 1024;
 
-template <typename scalar_t>
+template <NoiseUse kUse, typename scalar_t>
 void reparameterize_typed(const ReparameterizeProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<acc_t>;
   constexpr int64_t W = V::size();
-  const auto* mu = static_cast<const scalar_t*>(p.mu);
-  const auto* lv = static_cast<const scalar_t*>(p.logvar);
-  auto* z = static_cast<scalar_t*>(p.z);
+  const auto* a = static_cast<const scalar_t*>(p.a);
+  const auto* b = static_cast<const scalar_t*>(p.b);
+  auto* out = static_cast<scalar_t*>(p.out);
   const int64_t n_chunks = (p.numel + kNoiseChunk - 1) / kNoiseChunk;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / (4 * kNoiseChunk));
   at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
     constexpr int64_t kBlocks = kNoiseChunk / kNormalsPerPhiloxBlock;
     acc_t rad_a[kBlocks], ang_a[kBlocks], rad_b[kBlocks], ang_b[kBlocks];
     acc_t first_a[kBlocks], second_a[kBlocks], first_b[kBlocks], second_b[kBlocks];
-    acc_t eps[kNoiseChunk], mu_buf[kNoiseChunk], lv_buf[kNoiseChunk], z_buf[kNoiseChunk];
+    acc_t eps[kNoiseChunk], a_buf[kNoiseChunk], b_buf[kNoiseChunk], out_buf[kNoiseChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t start = c * kNoiseChunk;
       const int64_t n = std::min(kNoiseChunk, p.numel - start);
@@ -308,55 +308,29 @@ void reparameterize_typed(const ReparameterizeProblem& p) {
         for (int64_t j = 0; j < kNormalsPerPhiloxBlock && 4 * k + j < n; ++j) eps[4 * k + j] = normals[j];
       }
 
-      const acc_t* m = as_acc(mu + start, mu_buf, n);
-      const acc_t* l = as_acc(lv + start, lv_buf, n);
-      acc_t* out = acc_destination(z + start, z_buf);
-      int64_t i = 0;
-      for (; i + W <= n; i += W) {
-        reparameterize_sample(V::loadu(m + i), V::loadu(l + i), V::loadu(eps + i)).store(out + i);
+      acc_t* o = acc_destination(out + start, out_buf);
+      if constexpr (kUse == NoiseUse::noise) {
+        std::copy(eps, eps + n, o);
+      } else {
+        const acc_t* x = as_acc(a + start, a_buf, n);
+        const acc_t* y = as_acc(b + start, b_buf, n);
+        int64_t i = 0;
+        for (; i + W <= n; i += W) apply_noise<kUse>(V::loadu(x + i), V::loadu(y + i), V::loadu(eps + i)).store(o + i);
+        for (; i < n; ++i) o[i] = apply_noise<kUse>(x[i], y[i], eps[i]);
       }
-      for (; i < n; ++i) out[i] = reparameterize_sample(m[i], l[i], eps[i]);
-      flush_acc(z_buf, z + start, n);
-    }
-  });
-}
-
-void reparameterize(const ReparameterizeProblem& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "vae_fast::reparameterize (CPU)",
-                                  [&] { reparameterize_typed<scalar_t>(p); });
-}
-
-template <typename scalar_t>
-void reparameterize_backward_typed(const ReparameterizeBackwardProblem& p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using V = Vec<acc_t>;
-  constexpr int64_t W = V::size();
-  const auto* g = static_cast<const scalar_t*>(p.grad_z);
-  const auto* z = static_cast<const scalar_t*>(p.z);
-  const auto* mu = static_cast<const scalar_t*>(p.mu);
-  auto* out = static_cast<scalar_t*>(p.grad_logvar);
-  at::parallel_for(0, p.numel, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
-    acc_t g_buf[kStage], z_buf[kStage], mu_buf[kStage], out_buf[kStage];
-    for (int64_t start = begin; start < end; start += kStage) {
-      const int64_t n = std::min(kStage, end - start);
-      const acc_t* gp = as_acc(g + start, g_buf, n);
-      const acc_t* zp = as_acc(z + start, z_buf, n);
-      const acc_t* mp = as_acc(mu + start, mu_buf, n);
-      acc_t* op = acc_destination(out + start, out_buf);
-      int64_t i = 0;
-      for (; i + W <= n; i += W) {
-        reparameterize_grad_logvar(V::loadu(gp + i), V::loadu(zp + i), V::loadu(mp + i)).store(op + i);
-      }
-      for (; i < n; ++i) op[i] = reparameterize_grad_logvar(gp[i], zp[i], mp[i]);
       flush_acc(out_buf, out + start, n);
     }
   });
 }
 
-void reparameterize_backward(const ReparameterizeBackwardProblem& p) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype,
-                                  "vae_fast::reparameterize_backward (CPU)",
-                                  [&] { reparameterize_backward_typed<scalar_t>(p); });
+void reparameterize(const ReparameterizeProblem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.dtype, "vae_fast::reparameterize (CPU)", [&] {
+    switch (p.use) {
+      case NoiseUse::sample: return reparameterize_typed<NoiseUse::sample, scalar_t>(p);
+      case NoiseUse::grad_logvar: return reparameterize_typed<NoiseUse::grad_logvar, scalar_t>(p);
+      case NoiseUse::noise: return reparameterize_typed<NoiseUse::noise, scalar_t>(p);
+    }
+  });
 }
 
 }  // namespace VAE_FAST_ISA
