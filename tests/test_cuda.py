@@ -172,6 +172,37 @@ def test_graph_replay_gives_eager_gradients_through_autograd():
 
 
 @requires_cuda
+def test_captured_reparameterize_backward_follows_each_replays_noise():
+    """The backward reads (seed, offset) from the device tensor the forward kernel wrote, so in a
+    CUDA graph each replay's gradient belongs to that replay's fresh eps (mu = 0, logvar = 0: z is
+    eps, and d z / d logvar = 0.5 * g * eps)."""
+    mu = torch.zeros(4099, device="cuda", requires_grad=True)
+    logvar = torch.zeros(4099, device="cuda", requires_grad=True)
+    g = torch.rand(4099, device="cuda", generator=torch.Generator("cuda").manual_seed(1)) + 0.5
+
+    def step():
+        z = vae_fast.reparameterize(mu, logvar)
+        (grad_logvar,) = torch.autograd.grad(z, (logvar,), g)
+        return z, grad_logvar
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z, grad_logvar = step()
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.allclose(grad_logvar, 0.5 * g * z, rtol=1e-6, atol=0)
+        seen.append(z.clone())
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+@requires_cuda
 def test_torch_compile_fullgraph_cuda():
     inputs = sample_inputs(64, 784, 20, logits=True, device="cuda")
 
