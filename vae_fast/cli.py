@@ -56,16 +56,28 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a process that SIGINT killed, so
+# scripts and schedulers see "interrupted", distinct from success (0) and user errors (2).
+EXIT_INTERRUPTED = 130
+
+
 def _report_user_errors(command: str, run) -> int:
     """Run a command; a user-facing error (bad argument, data, checkpoint, diverged loss, a file
-    that cannot be written) becomes one line on stderr and exit status 2 instead of a traceback."""
-    from .training import TrainingDiverged
+    that cannot be written) becomes one line on stderr and exit status 2 instead of a traceback.
+    Ctrl-C becomes one line too (for `train`, naming the checkpoint saved) and exit status 130."""
+    from .training import TrainingDiverged, TrainingInterrupted
 
     try:
         run()
     except (ValueError, OSError, TrainingDiverged) as error:
         print(f"vae-fast {command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interrupt:  # train saved a checkpoint first
+        print(f"vae-fast {command}: {interrupt}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C while train was saving
+        print(f"vae-fast {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -1,6 +1,10 @@
 """The `vae-fast train` loop: Adam on the negative ELBO through the model's logits fast path,
 per-epoch metrics (CSV and JSON), checkpoints that resume bit for bit, and images at the end.
 
+Crash safety: checkpoints and metrics are written atomically (checkpoints.atomic_write), so a kill
+at any point leaves the previous complete file; Ctrl-C (SIGINT) finishes the current step, saves
+a checkpoint of that exact point (mid-epoch included) and raises TrainingInterrupted.
+
 Distributed: launched by `torchrun --nproc_per_node=N -m vae_fast train ...` (WORLD_SIZE > 1 in the
 environment) it runs DistributedDataParallel over nccl on GPUs or gloo on CPUs. `batch_size` is the
 global batch: each rank takes batch_size / N of it through a DistributedSampler, and each rank's
@@ -13,6 +17,8 @@ import csv
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +31,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import reference
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
 from .model import VAE
 
-__all__ = ["TrainConfig", "TrainingDiverged", "NegativeElbo", "train", "kl_weight"]
+__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -39,6 +45,62 @@ CHECKPOINT_NAME = "checkpoint.pt"
 class TrainingDiverged(RuntimeError):
     """The training loss, the held-out loss or the weights became NaN or infinite; the message
     names the last good checkpoint, or says that none was written."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped training at a step boundary after the state reached was saved;
+    `checkpoint` is the file to --resume from, and resuming finishes the run exactly as if it had
+    not stopped. A KeyboardInterrupt, so that code which lets Ctrl-C through lets this through."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT only sets `requested`; the loop acts on it at the next step
+    boundary (save, then TrainingInterrupted). Python's default KeyboardInterrupt would land
+    anywhere, e.g. between backward() and the optimizer step, and lose the epoch's work. The handler
+    hands SIGINT back to the previous one as it runs, so a second Ctrl-C interrupts at once for a
+    user who will not wait (checkpoints on disk stay whole: they are written atomically). Installed
+    only in the main thread (Python allows handlers nowhere else) and only where SIGINT is handled by
+    Python and not ignored (`nohup`, `cmd &` in a script): those setups are left as they are."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopOnSigint":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (None, signal.SIG_IGN):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# Test hook, used by tests/test_crash_safety.py only: VAE_FAST_TEST_SIGNAL_AFTER_STEP="N:SIGKILL"
+# (or N:SIGINT, any signal name) makes the process send itself that signal right after its N-th
+# optimizer step, counted from the start of this process, so that a test kills or interrupts
+# `vae-fast train` mid-epoch at a known step rather than after a guessed sleep. Read once per run;
+# unset, it costs one comparison per step.
+_TEST_SIGNAL_ENV = "VAE_FAST_TEST_SIGNAL_AFTER_STEP"
+
+
+def _test_signal_after_step() -> tuple[int, signal.Signals] | None:
+    value = os.environ.get(_TEST_SIGNAL_ENV)
+    if not value:
+        return None
+    step, name = value.split(":")
+    return int(step), signal.Signals[name]
 
 
 @dataclass
@@ -134,16 +196,25 @@ def _is_good(state: dict, test_loss: float) -> bool:
     return math.isfinite(test_loss) and _all_finite(state.values())
 
 
-def _kept(last_good: tuple[Path, int] | None) -> str:
+def _position(epochs_done: int, step: int) -> str:
+    """Where a checkpoint stands: "epoch 3" after three whole epochs, "epoch 4, after step 10"
+    when Ctrl-C saved it in the middle of the fourth."""
+    return f"epoch {epochs_done}" if step == 0 else f"epoch {epochs_done + 1}, after step {step}"
+
+
+def _kept(last_good: tuple[Path, str] | None) -> str:
     if last_good is None:
         return "no good checkpoint was written"
-    path, epoch = last_good
-    return f"the last good checkpoint is {path} (epoch {epoch})"
+    path, position = last_good
+    return f"the last good checkpoint is {path} ({position})"
 
 
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
-    (out_dir / "metrics.json").write_text(json.dumps(history, indent=2))
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
+    # Atomic like the checkpoint: a kill while they are written leaves the previous epoch's files,
+    # not truncated ones (a resume with nothing left to train would not rewrite them).
+    with atomic_write(out_dir / "metrics.json", "w") as f:
+        f.write(json.dumps(history, indent=2))
+    with atomic_write(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
@@ -155,10 +226,16 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     Writes out/checkpoint.pt after every epoch that ends with finite weights and a finite held-out
     loss and, at the end, the PNG images of `plots`. On --resume the optimizer (learning rate
     included) and RNG states come from the checkpoint, so the run continues exactly as if it had not
-    stopped.
-    Raises ValueError (bad argument), DataError, CheckpointError (missing or mismatched --resume)
-    and TrainingDiverged (a NaN/inf training loss, or an epoch ending with NaN/inf weights or
-    held-out loss; the last good checkpoint is kept, never overwritten by a bad one).
+    stopped. Checkpoints and metrics files are written atomically: a process killed at any point
+    (SIGKILL, power loss) leaves the previous complete checkpoint, from which --resume finishes the
+    run with the same final weights as an uninterrupted one.
+    A SIGINT (Ctrl-C) in the main thread stops at the next step boundary: the state reached is
+    saved (a checkpoint in the middle of an epoch if need be, which resumes exactly too) and
+    TrainingInterrupted is raised; the images are not written.
+    Raises ValueError (bad argument), DataError, CheckpointError (missing or mismatched --resume),
+    TrainingDiverged (a NaN/inf training loss, or an epoch ending with NaN/inf weights or
+    held-out loss; the last good checkpoint is kept, never overwritten by a bad one) and
+    TrainingInterrupted.
     """
     config.validate()
     rank, world, device = _distributed_setup(config.device)
@@ -176,18 +253,32 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     torch.manual_seed(config.seed + rank)  # but each rank draws its own posterior noise
     history: list[dict] = []
     start_epoch = 0
-    # (path, epoch) of the newest checkpoint known to be good, named when training diverges.
-    last_good: tuple[Path, int] | None = None
+    # Steps already done in epoch start_epoch + 1, and that epoch's running sums, when resuming a
+    # checkpoint that Ctrl-C saved in the middle of an epoch.
+    start_step, partial_epoch = 0, None
+    # (path, position) of the newest checkpoint known to be good, named when training diverges.
+    last_good: tuple[Path, str] | None = None
     if config.resume:
         checkpoint = load_checkpoint(config.resume, map_location=device)
         _check_resumable(checkpoint, config, model, data)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, history = checkpoint["epoch"], checkpoint["history"]
+        start_step, partial_epoch = checkpoint.get("step", 0), checkpoint.get("partial_epoch")
+        if start_step:
+            # A step index means the same batches only with the same global batch split the same way.
+            saved_batch, saved_world = checkpoint["train_config"]["batch_size"], len(checkpoint["rng_states"])
+            if (saved_batch, saved_world) != (config.batch_size, world):
+                raise CheckpointError(
+                    f"checkpoint {config.resume} was saved in the middle of epoch {start_epoch + 1} with --batch-size "
+                    f"{saved_batch} on {saved_world} process(es); resume it with the same (this run: --batch-size "
+                    f"{config.batch_size} on {world})")
+            if start_epoch >= config.epochs:
+                raise ValueError(f"--epochs {config.epochs}: checkpoint {config.resume} is already in epoch {start_epoch + 1}")
         # Nothing is in --out yet: the file resumed from is the last good one, if it is good (one
         # written before the checks existed may not be).
         if history and _is_good(checkpoint["model"], history[-1]["test_loss"]):
-            last_good = (Path(config.resume), start_epoch)
+            last_good = (Path(config.resume), _position(start_epoch, start_step))
         if len(checkpoint["rng_states"]) == world:
             torch.set_rng_state(checkpoint["rng_states"][rank].cpu())
             if device.type == "cuda" and checkpoint.get("cuda_rng_states"):
@@ -201,52 +292,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     local_batch = config.batch_size // world
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
 
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), device=device)
-        model.train()
-        loss_sum = recon_sum = kl_sum = 0.0
-        seen = 0
-        bar = tqdm(order.split(local_batch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0 or not config.progress, leave=False)
-        for step, indices in enumerate(bar):
-            beta = kl_weight(config.beta, config.kl_warmup, epoch * steps_per_epoch + step, steps_per_epoch)
-            loss, kl = objective(train_x[indices], beta)
-            stats = torch.stack([loss.detach().float(), kl.float(), torch.tensor(float(len(indices)), device=device)])
-            if world > 1:
-                dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
-            batch_loss, batch_kl, batch_n = stats.tolist()
-            if not math.isfinite(batch_loss):
-                raise TrainingDiverged(f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}; "
-                                       f"training stopped ({_kept(last_good)}); try a lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()
-            optimizer.step()
-            loss_sum, kl_sum, seen = loss_sum + batch_loss, kl_sum + batch_kl, seen + int(batch_n)
-            recon_sum += batch_loss - beta * batch_kl
-            # refresh=False: shown at the bar's next refresh, with the right step count
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-        bar.close()
-
-        model.eval()
-        held_out = negative_elbo(model, test_x, beta=config.beta)
-        # The last step's update is seen by no loss check above: a checkpoint is written only if
-        # the weights it holds are finite and give a finite held-out loss.
-        weights_finite = _all_finite(model.state_dict().values())
-        good = torch.tensor(float(weights_finite and math.isfinite(held_out["loss"])), device=device)
-        if world > 1:
-            dist.all_reduce(good, op=dist.ReduceOp.MIN)  # every rank stops together, none waits
-        if not good.item():
-            what = f"the held-out loss is {held_out['loss']}" if weights_finite else "the weights are not finite"
-            raise TrainingDiverged(f"after epoch {epoch + 1} {what}; training stopped ({_kept(last_good)}); "
-                                   "try a lower --lr")
-        row = {
-            "epoch": epoch + 1, "beta": beta, "train_loss": loss_sum / seen, "train_kl": kl_sum / seen,
-            "train_recon": recon_sum / seen,
-            "test_loss": held_out["loss"], "test_recon": held_out["recon"], "test_kl": held_out["kl"],
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(row)
+    def save(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
+        """Checkpoint after `epochs_done` whole epochs and `step` steps of the next (a collective:
+        every rank calls it; rank 0 writes)."""
         rng_states = [torch.get_rng_state()]
         cuda_rng_states = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if world > 1:
@@ -257,15 +305,107 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
         if rank == 0:
             save_checkpoint(checkpoint_path, {
                 "model_config": model.config(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1, "history": history, "rng_states": rng_states, "cuda_rng_states": cuda_rng_states,
+                "epoch": epochs_done, "step": step, "partial_epoch": partial, "history": history,
+                "rng_states": rng_states, "cuda_rng_states": cuda_rng_states,
                 "dataset": {"name": data.name, "image_shape": list(data.image_shape)},
                 "train_config": {k: v for k, v in asdict(config).items() if k not in ("progress", "images")},
             })
-            _write_metrics(out_dir, history)
-            if config.progress:
-                print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
-                      f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.2f}s]")
-        last_good = (checkpoint_path, epoch + 1)
+
+    def interrupted(epochs_done: int, step: int = 0) -> TrainingInterrupted:
+        return TrainingInterrupted(f"interrupted; {checkpoint_path} holds the state reached ({_position(epochs_done, step)}): "
+                                   f"continue with --resume {checkpoint_path}", checkpoint_path)
+
+    test_signal = _test_signal_after_step()
+    steps_run = 0  # in this process, for the test hook
+    with _StopOnSigint() as sigint:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler), device=device)
+            batches = order.split(local_batch)
+            first_step = start_step if epoch == start_epoch else 0
+            if first_step:
+                p = partial_epoch
+                loss_sum, recon_sum, kl_sum, seen, seconds = p["loss_sum"], p["recon_sum"], p["kl_sum"], p["seen"], p["seconds"]
+            else:
+                loss_sum = recon_sum = kl_sum = seconds = 0.0
+                seen = 0
+            model.train()
+            stop = False
+            bar = tqdm(batches[first_step:], initial=first_step, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=rank != 0 or not config.progress, leave=False)
+            for step, indices in enumerate(bar, start=first_step):
+                beta = kl_weight(config.beta, config.kl_warmup, epoch * steps_per_epoch + step, steps_per_epoch)
+                loss, kl = objective(train_x[indices], beta)
+                # A Ctrl-C travels with the step's numbers, so that every rank sees it at the same
+                # step and they stop together, at no extra synchronisation.
+                counts = torch.tensor([float(len(indices)), float(sigint.requested)], device=device)
+                stats = torch.cat([torch.stack([loss.detach().float(), kl.float()]), counts])
+                if world > 1:
+                    dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
+                batch_loss, batch_kl, batch_n, stop_requests = stats.tolist()
+                if not math.isfinite(batch_loss):
+                    raise TrainingDiverged(f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}; "
+                                           f"training stopped ({_kept(last_good)}); try a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                (loss * world).backward()
+                optimizer.step()
+                loss_sum, kl_sum, seen = loss_sum + batch_loss, kl_sum + batch_kl, seen + int(batch_n)
+                recon_sum += batch_loss - beta * batch_kl
+                # refresh=False: shown at the bar's next refresh, with the right step count
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+                steps_run += 1
+                if test_signal and steps_run == test_signal[0]:
+                    os.kill(os.getpid(), test_signal[1])
+                stop = stop_requests > 0
+                if stop and step + 1 < len(batches):
+                    # Ctrl-C: save this exact point (weights, Adam, RNG, the epoch's running sums),
+                    # which --resume continues bit for bit. After an epoch's last step the epoch
+                    # is finished below instead, and saved as usual.
+                    bar.close()
+                    if not _all_finite(model.state_dict().values()):  # the same on every rank
+                        raise TrainingDiverged(f"interrupted at epoch {epoch + 1}, step {step + 1}, with weights that are not "
+                                               f"finite; nothing saved ({_kept(last_good)}); try a lower --lr")
+                    save(epoch, step + 1, {"loss_sum": loss_sum, "recon_sum": recon_sum, "kl_sum": kl_sum, "seen": seen,
+                                           "seconds": seconds + time.perf_counter() - started})
+                    raise interrupted(epoch, step + 1)
+            bar.close()
+
+            model.eval()
+            held_out = negative_elbo(model, test_x, beta=config.beta)
+            # The last step's update is seen by no loss check above: a checkpoint is written only if
+            # the weights it holds are finite and give a finite held-out loss.
+            weights_finite = _all_finite(model.state_dict().values())
+            # [bad, stop]: summed over ranks, so that every rank stops together and none waits.
+            flags = torch.tensor([float(not (weights_finite and math.isfinite(held_out["loss"]))),
+                                  float(stop or sigint.requested)], device=device)
+            if world > 1:
+                dist.all_reduce(flags)
+            bad, stop_requests = flags.tolist()
+            if bad:
+                what = f"the held-out loss is {held_out['loss']}" if weights_finite else "the weights are not finite"
+                raise TrainingDiverged(f"after epoch {epoch + 1} {what}; training stopped ({_kept(last_good)}); "
+                                       "try a lower --lr")
+            row = {
+                "epoch": epoch + 1, "beta": beta, "train_loss": loss_sum / seen, "train_kl": kl_sum / seen,
+                "train_recon": recon_sum / seen,
+                "test_loss": held_out["loss"], "test_recon": held_out["recon"], "test_kl": held_out["kl"],
+                "seconds": seconds + time.perf_counter() - started,
+            }
+            history.append(row)
+            save(epoch + 1)
+            if rank == 0:
+                _write_metrics(out_dir, history)
+                if config.progress:
+                    print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
+                          f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.2f}s]")
+            last_good = (checkpoint_path, _position(epoch + 1, 0))
+            if stop_requests:
+                raise interrupted(epoch + 1)
+        # A Ctrl-C during the last epoch's checkpoint: training is complete and saved (this process
+        # wrote the checkpoint of the last epoch); stop before the images.
+        if sigint.requested and start_epoch < config.epochs:
+            raise interrupted(config.epochs)
 
     if rank == 0 and config.images and history:
         from .plots import save_training_images
