@@ -4,8 +4,8 @@ KL: the loss's KL term against `torch.distributions.kl_divergence` of two Normal
 formula written by other people: variance ratio and log, not the kernel's expm1 form), values and
 gradients (autograd through torch.distributions), element by element. Where that reference is itself
 inexact (logvar near 0 with mu near 0: its `var_ratio - 1 - log(var_ratio)` cancels), the oracle is
-the Taylor series of expm1(lv) - lv, summed in float64 with no cancellation. There the kernels miss
-the bounds (1e-5 float32, 1e-10 float64): a known precision defect, an xfail(strict) test.
+the Taylor series of expm1(lv) - lv, summed in float64 with no cancellation. There the kernels
+missed the bounds (1e-5 float32, 1e-10 float64) until they took that series for |lv| < 0.1 too.
 
 Random numbers (CPU): with mu = 0 and logvar = 0 the output is eps itself. Millions of draws per
 dtype are tested against N(0, 1) with bounds from their sampling distributions: moments within 5
@@ -167,16 +167,11 @@ def test_kl_gradient_near_zero_matches_series(dtype):
     _assert_elementwise(grad_lv, 0.5 * expm1, KL_RTOL[dtype], mu, lv, f"d KL / d logvar {dtype}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "precision defect, reported (issue 13): the kernels evaluate KL = 0.5 (mu^2 + expm1(lv) - lv) "
-    "(csrc/vae_math.h kl_standard_normal) in the input's precision; for |lv| << 1 and mu ~ 0 the "
-    "subtraction expm1(lv) - lv ~ lv^2/2 loses the digits (float32, mu = 0: relative error 1 at "
-    "lv = 1e-12 (KL 0 instead of 2.5e-25), 0.14 at 4.5e-7, 1e-4 at 1e-3; float64: 5e-5 at lv = 1e-12). A series for |lv| < ~0.1 (or float64 accumulation "
-    "for float32 inputs) would fix it; strict, so the fix turns this test into a failure to remove "
-    "the marker."))
 @pytest.mark.parametrize("layout", ["scalar", "vector"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_kl_near_zero_matches_series(dtype, layout):
+    """Found by this file: expm1(lv) - lv cancelled for |lv| << 1 (float32 relative error 1e-4 at
+    lv = 1e-3, total at 1e-12); the kernels now use its series below |lv| = 0.1."""
     mu64, lv64 = _near_zero_grid()
     mu, lv = mu64.to(dtype), lv64.to(dtype)
     exact = 0.5 * (mu.double() ** 2 + _expm1_minus_x_series(lv.double()))  # two non-negative terms
