@@ -46,6 +46,10 @@ class BuildExtension(cpp_extension.BuildExtension):
         for source in isa_sources:
             cflags = ext.extra_compile_args
             cxx = (cflags["cxx"] if isinstance(cflags, dict) else list(cflags)) + ISA_SOURCES[source]
+            # Appended after every portable object on the link line: the AVX2 file's copies of
+            # inline functions (std::, c10 Half/BFloat16 helpers) are COMDATs, and GNU ld keeps the
+            # first copy it meets, so the portable ones win and the portable path never runs an AVX
+            # instruction (tests/test_portable_cpu.py runs it on an emulated CPU without AVX).
             ext.extra_objects += self.compiler.compile(
                 [source],
                 output_dir=self.build_temp,
