@@ -19,7 +19,10 @@ inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& 
 // The noise state of one reparameterize call: int64 [seed, offset], on the data's device.
 inline void check_noise_state(const char* op, const at::Tensor& state, const at::Tensor& like) {
   TORCH_CHECK_VALUE(state.scalar_type() == at::kLong && state.numel() == 2 && state.is_contiguous(), op,
-                    ": noise_state must be the contiguous int64 [seed, offset] pair from reparameterize_sample");
+                    ": noise_state must be the contiguous int64 [seed, offset] pair from reparameterize_sample, got ",
+                    state.scalar_type(), " of shape ", state.sizes(), state.is_contiguous() ? "" : " (not contiguous)",
+                    ". A torch.compile cache written by an older vae_fast replays its older backward here: remove "
+                    "that cache (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_<user>) and run again.");
   TORCH_CHECK_VALUE(state.device() == like.device(), op, ": noise_state is on ", state.device(), " but logvar is on ",
                     like.device());
 }
