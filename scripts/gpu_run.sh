@@ -72,9 +72,12 @@ stage "tests (pytest -n 8) beside compute-sanitizer over the CUDA tests"
   done
 ) > "$out/sanitizer.log" 2>&1 &
 sanitizer_pid=$!
-timeout 180 python3 -m pytest -q -n 8 -p no:cacheprovider -rfE tests > "$out/tests.log" 2>&1
+# -v: each test's outcome is on its own line as it ends, so a suite stopped by its time limit still
+# names its failures (the summary comes only at the end).
+timeout 180 python3 -m pytest -v -n 8 -p no:cacheprovider -rfE tests > "$out/tests.log" 2>&1
 ended tests $?
-tail -25 "$out/tests.log"
+grep -E "(FAILED|ERROR) tests/" "$out/tests.log" | sort -u | head -40
+tail -3 "$out/tests.log"
 wait $sanitizer_pid
 pkill -f compute-sanitizer  # a stopped sanitizer's target must not share the GPU with the benchmarks
 cat "$out/sanitizer.log"
