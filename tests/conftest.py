@@ -21,6 +21,20 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def max_elementwise_relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float | None = None) -> float:
+    """The largest |actual - expected| / |expected| over the elements whose reference is at least
+    `floor` (default: float32's smallest normal, below which float32 holds no relative accuracy).
+    Unlike the norm-wise relative_error, small elements beside large ones count as much. A NaN or
+    infinite actual where the reference is finite counts as an infinite error."""
+    actual, expected = actual.double(), expected.double()
+    floor = torch.finfo(torch.float32).tiny if floor is None else floor
+    keep = expected.abs() >= floor
+    if not bool(keep.any()):
+        return 0.0
+    error = (actual[keep] - expected[keep]).abs() / expected[keep].abs()
+    return float(torch.where(torch.isfinite(error), error, torch.full_like(error, float("inf"))).max())
+
+
 @pytest.fixture(autouse=True)
 def _require_extension():
     # The suite tests the compiled kernels; a silent fallback to the reference would make every
@@ -61,4 +75,4 @@ else:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-__all__ = ["DEVICES", "TOLERANCE", "relative_error", "requires_cuda", "vae_fast"]
+__all__ = ["DEVICES", "TOLERANCE", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]

@@ -54,17 +54,24 @@ def test_manual_seed_and_generator_reproduce():
                            vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5)))
 
 
-def test_same_draw_on_any_thread_count():
-    mu, logvar = torch.randn(1000, 64), torch.randn(1000, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_same_draw_on_any_thread_count(dtype):
+    """640,000 elements are 80 tasks of 8 noise chunks: 1, 2, 3, 5 and 8 threads split them
+    differently, and the draw and the logvar gradient (which draws the noise again) keep their bits."""
+    mu, logvar = torch.randn(64, 10000).to(dtype), torch.randn(64, 10000).to(dtype)
+    g = torch.randn(64, 10000).to(dtype)
     threads = torch.get_num_threads()
     try:
-        draws = []
-        for n in (1, 2, threads):
+        runs = []
+        for n in (1, 2, 3, 5, 8):
             torch.set_num_threads(n)
-            draws.append(vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(9)))
+            lv = logvar.clone().requires_grad_()
+            z = vae_fast.reparameterize(mu, lv, generator=torch.Generator().manual_seed(9))
+            z.backward(g)
+            runs.append((z.detach(), lv.grad))
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(d, draws[0]) for d in draws)
+    assert all(torch.equal(z, runs[0][0]) and torch.equal(grad, runs[0][1]) for z, grad in runs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
