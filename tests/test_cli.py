@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint
 from vae_fast.cli import main
 from vae_fast.data import load_dataset
+from png_grid import read_grid
 
 TINY = ["--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet"]
 
@@ -110,11 +111,74 @@ def _independent_held_out_metrics(model, x, *, iwae_samples: int) -> dict:
     return {"negative_elbo": recon + kl, "recon": recon, "kl": kl, "iwae_log_likelihood": torch.cat(log_likelihoods).mean().item()}
 
 
+# --- The images hold what they claim (issue 13): each grid is read back from its PNG (tests/png_grid.py)
+# and every tile compared with the images recomputed here from the checkpoint. Tolerance 2/255: the
+# gray colormap's 256-entry table and the PNG's 8 bits each round by up to about 1/255.
+PNG_ATOL = 2 / 255
+
+
+def _decoded(model, z) -> np.ndarray:
+    """Decoder probabilities for z [N, L] as [N, 8, 8] (the digits' tiles)."""
+    with torch.no_grad():
+        return torch.sigmoid(model.decode_logits(torch.as_tensor(z, dtype=torch.float32))).reshape(-1, 8, 8).numpy()
+
+
+def _checkpoint_model_and_held_out(run: Path):
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    model = model_from_checkpoint(checkpoint).eval()
+    return model, load_dataset("digits", seed=checkpoint["train_config"]["seed"]).test_x
+
+
+def test_reconstruction_grid_is_inputs_over_their_reconstructions(trained):
+    model, x = _checkpoint_model_and_held_out(trained)
+    tiles = read_grid(trained / "reconstructions.png", (8, 8))
+    assert tiles.shape == (2, 8, 8, 8)  # two rows of eight tiles
+    with torch.no_grad():
+        mu = model.encode(x[:8])[0]
+    np.testing.assert_allclose(tiles[0], x[:8].reshape(8, 8, 8).numpy(), atol=PNG_ATOL, err_msg="top row: the first 8 held-out inputs")
+    np.testing.assert_allclose(tiles[1], _decoded(model, mu), atol=PNG_ATOL, err_msg="bottom row: decode(mu(x))")
+    assert np.abs(tiles[1] - tiles[0]).max() > 0.2  # the rows differ: a swapped or repeated row would fail
+
+
+def test_latent_manifold_grid_has_z1_across_and_z2_down(trained):
+    from statistics import NormalDist
+
+    model, _ = _checkpoint_model_and_held_out(trained)
+    tiles = read_grid(trained / "manifold.png", (8, 8))
+    assert tiles.shape == (15, 15, 8, 8)
+    # Evenly spaced prior quantiles 0.05..0.95: z1 grows left to right, z2 falls top to bottom.
+    axis = [NormalDist().inv_cdf(0.05 + 0.9 * i / 14) for i in range(15)]
+    z = [[axis[c], axis[14 - r]] for r in range(15) for c in range(15)]
+    np.testing.assert_allclose(tiles.reshape(225, 8, 8), _decoded(model, z), atol=PNG_ATOL)
+    # The check can tell the axes apart: the transposed layout differs well beyond the tolerance.
+    assert np.abs(tiles.transpose(1, 0, 2, 3) - tiles).max() > 0.05
+
+
+def test_interpolation_and_training_samples_grids(trained):
+    model, x = _checkpoint_model_and_held_out(trained)
+    with torch.no_grad():
+        mu = model.encode(x[:2])[0]
+    tiles = read_grid(trained / "interpolation.png", (8, 8))
+    assert tiles.shape == (1, 10, 8, 8)
+    t = torch.arange(10, dtype=torch.float32)[:, None] / 9
+    np.testing.assert_allclose(tiles[0], _decoded(model, (1 - t) * mu[0] + t * mu[1]), atol=PNG_ATOL)
+    # samples.png: 64 prior draws from a generator seeded with the run's seed (0), 8 per row.
+    tiles = read_grid(trained / "samples.png", (8, 8))
+    assert tiles.shape == (8, 8, 8, 8)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(tiles.reshape(64, 8, 8), _decoded(model, z), atol=PNG_ATOL)
+
+
 def test_sample_writes_a_png_grid(trained, tmp_path, capsys):
     grid = tmp_path / "grid.png"
-    assert main(["sample", str(trained / "checkpoint.pt"), "--n", "9", "--out", str(grid), "--device", "cpu"]) == 0
+    assert main(["sample", str(trained / "checkpoint.pt"), "--n", "9", "--out", str(grid), "--device", "cpu", "--seed", "5"]) == 0
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(grid) in capsys.readouterr().out
+    model, _ = _checkpoint_model_and_held_out(trained)
+    tiles = read_grid(grid, (8, 8))
+    assert tiles.shape == (3, 3, 8, 8)  # ceil(sqrt(9)) tiles per row
+    z = torch.randn(9, 2, generator=torch.Generator().manual_seed(5))
+    np.testing.assert_allclose(tiles.reshape(9, 8, 8), _decoded(model, z), atol=PNG_ATOL)
 
 
 def test_python_dash_m_and_the_console_script(tmp_path):

@@ -4,12 +4,14 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from vae_fast.checkpoints import CheckpointError, load_checkpoint
+from vae_fast.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from vae_fast.data import Dataset
 from vae_fast.training import TrainConfig, TrainingDiverged, kl_weight, train
+from png_grid import read_grid
 
 
 def _toy(name: str = "toy", *, nan: bool = False) -> Dataset:
@@ -57,8 +59,20 @@ def test_resume_continues_exactly(tmp_path):
 def test_images_are_written(tmp_path):
     train(_config(tmp_path, epochs=1, images=True), _toy())
     out = tmp_path / "run"
-    for name in ("reconstructions", "samples", "latent", "interpolation", "loss_curves", "manifold"):
-        assert (out / f"{name}.png").stat().st_size > 1000, name
+    for name in ("latent", "loss_curves"):  # plots, not grids: only that they are PNGs
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # The grids, read back from the PNGs: tile counts and layout, and the reconstructions' top
+    # row holds the held-out inputs (binary 4x4 images here), the bottom row decode(mu(x)).
+    shapes = {"reconstructions": (2, 8), "samples": (8, 8), "interpolation": (1, 10), "manifold": (15, 15)}
+    tiles = {name: read_grid(out / f"{name}.png", (4, 4)) for name in shapes}
+    for name, shape in shapes.items():
+        assert tiles[name].shape == (*shape, 4, 4), name
+    model = model_from_checkpoint(load_checkpoint(out / "checkpoint.pt")).eval()
+    x = _toy().test_x[:8]
+    with torch.no_grad():
+        recon = torch.sigmoid(model.decode_logits(model.encode(x)[0]))
+    np.testing.assert_allclose(tiles["reconstructions"][0], x.reshape(8, 4, 4).numpy(), atol=2 / 255)
+    np.testing.assert_allclose(tiles["reconstructions"][1], recon.reshape(8, 4, 4).numpy(), atol=2 / 255)
     train(_config(tmp_path, epochs=1, images=True, latent_dim=3, out=str(tmp_path / "pca")), _toy())
     assert (tmp_path / "pca" / "latent.png").exists() and not (tmp_path / "pca" / "manifold.png").exists()
 
