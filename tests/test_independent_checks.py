@@ -54,8 +54,8 @@ def _kl_grid(generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _in_cancellation_zone(mu: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
     """Where KL = 0.5 (mu^2 + e^lv - 1 - lv) is far smaller than its terms: |lv| < 0.1 and |mu| < 0.1.
-    torch.distributions' float64 formula is not accurate to 1e-10 there, and the kernels' is not
-    either (float32: not to 1e-5): tested apart, against a series (test_kl_near_zero_*)."""
+    torch.distributions' float64 formula is not accurate to 1e-10 there: tested apart, against a
+    series (test_kl_near_zero_*)."""
     return (lv.abs() < 0.1) & (mu.abs() < 0.1)
 
 

@@ -4,6 +4,7 @@ assertion on the real cases: with a few hundred calls the resident size is alloc
 full run's report (benchmarks/results/soak-*.md) is where the figures are."""
 
 import importlib.util
+import mmap
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,15 @@ def test_markdown_report(soak, tiny_report):
 
 def test_a_leak_fails_the_soak_and_the_exit_status(soak, monkeypatch, tmp_path, capsys):
     kept = []
-    monkeypatch.setattr(soak, "make_cases", lambda device: {
-        # 1 MiB a call: more than the process's freed-but-resident heap can absorb unseen
-        "leaks 1 MiB a call": lambda: kept.append(b"x" * (1 << 20)),
-        "leaks nothing": lambda: None,
-    })
+
+    def leak():
+        # fresh pages, written: a heap block could reuse memory the process freed earlier (still
+        # resident, so invisible in RSS: after the 32 MB arrays of other tests, tens of MB of it)
+        block = mmap.mmap(-1, 1 << 20)
+        block.write(b"x" * (1 << 20))
+        kept.append(block)
+
+    monkeypatch.setattr(soak, "make_cases", lambda device: {"leaks 1 MiB a call": leak, "leaks nothing": lambda: None})
     out = tmp_path / "soak.md"
     status = soak.main(["--calls", "100", "--warmup", "5", "--epochs", "0", "--checkpoints", "2", "--out", str(out)])
     assert status == 1
