@@ -146,3 +146,83 @@ def test_real_mnist_test_set():
     data = load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None)
     assert data.train_x.shape == (8000, 784) and data.test_x.shape == (2000, 784)
     assert set(data.test_y.unique().tolist()) == set(range(10))
+
+
+# --- The held-out split against the source data and its labels (issue 13). Rows are matched to
+# the source as (pixels, label) pairs, so a split that dropped, repeated or invented a row, or
+# moved labels out of step with their images, fails.
+
+
+def _pairs(x: torch.Tensor, y: torch.Tensor | None) -> list[tuple[bytes, int | None]]:
+    labels = [None] * len(x) if y is None else y.tolist()
+    return [(row.numpy().tobytes(), label) for row, label in zip(x, labels)]
+
+
+def _assert_split_partitions(data, source_x: torch.Tensor, source_y: torch.Tensor | None, test_size: int) -> None:
+    from collections import Counter
+
+    assert len(data.test_x) == test_size and len(data.train_x) == len(source_x) - test_size
+    train, test, source = _pairs(data.train_x, data.train_y), _pairs(data.test_x, data.test_y), _pairs(source_x, source_y)
+    # Union = the source (as multisets: covers it, nothing twice, labels still with their images).
+    assert Counter(train) + Counter(test) == Counter(source)
+    # Disjoint: no source row is in both parts more often than the source holds it.
+    source_count = Counter(source)
+    assert all(Counter(train)[key] + count <= source_count[key] for key, count in Counter(test).items())
+
+
+def _assert_label_proportions_match(data, source_y: torch.Tensor) -> None:
+    """A uniformly random hold-out of n of N rows: each class's held-out count is hypergeometric
+    with mean n K / N and variance n (K/N)(1 - K/N)(N - n)/(N - 1); allow 4.5 standard deviations
+    (about 1 in 150,000 per class for a correct split). A split by position in a sorted or
+    grouped file would be far outside."""
+    N, n = len(source_y), len(data.test_y)
+    for label, K in zip(*torch.unique(source_y, return_counts=True)):
+        K = int(K)
+        mean = n * K / N
+        sd = (n * (K / N) * (1 - K / N) * (N - n) / (N - 1)) ** 0.5
+        held_out = int((data.test_y == label).sum())
+        assert abs(held_out - mean) <= 4.5 * sd, f"label {int(label)}: {held_out} held out, expected {mean:.0f} +- {sd:.1f}"
+        assert held_out + int((data.train_y == label).sum()) == K
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_digits_split_partitions_the_labelled_set(seed):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    source_x = torch.from_numpy(digits.data.astype(np.float32) / 16.0)
+    source_y = torch.from_numpy(digits.target.astype(np.int64))
+    data = load_dataset("digits", seed=seed)
+    _assert_split_partitions(data, source_x, source_y, test_size=len(source_x) // 5)
+    _assert_label_proportions_match(data, source_y)
+    again = load_dataset("digits", seed=seed)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, name), getattr(data, name)), name
+    other = load_dataset("digits", seed=seed + 1)
+    assert _pairs(other.test_x, other.test_y) != _pairs(data.test_x, data.test_y)
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="the shared MNIST test files are not in this checkout's neighbourhood")
+def test_real_mnist_split_partitions_the_labelled_test_set():
+    images = read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(SHARED_MNIST / "t10k-labels-idx1-ubyte.gz")
+    source_x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    source_y = torch.from_numpy(labels.astype(np.int64))
+    data = load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None, seed=3)
+    _assert_split_partitions(data, source_x, source_y, test_size=2000)
+    _assert_label_proportions_match(data, source_y)
+    again = load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None, seed=3)
+    assert torch.equal(again.test_x, data.test_x) and torch.equal(again.test_y, data.test_y)
+    assert not torch.equal(load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None, seed=4).test_y, data.test_y)
+
+
+def test_npy_split_partitions_the_rows(tmp_path):
+    # Every row distinct (row i holds i in base 256), so the partition is checked row by row.
+    n = 53
+    rows = np.stack([np.arange(n) // 256, np.arange(n) % 256, np.zeros(n), np.full(n, 255)], axis=1).astype(np.uint8)
+    np.save(tmp_path / "rows.npy", rows)
+    data = load_dataset("npy", data_file=tmp_path / "rows.npy", seed=2)
+    _assert_split_partitions(data, torch.from_numpy(rows.astype(np.float32) / 255.0), None, test_size=n // 5)
+    assert len(set(_pairs(data.test_x, None))) == n // 5
+    again = load_dataset("npy", data_file=tmp_path / "rows.npy", seed=2)
+    assert torch.equal(again.test_x, data.test_x) and torch.equal(again.train_x, data.train_x)
