@@ -10,7 +10,7 @@ import torch
 
 from vae_fast.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from vae_fast.data import Dataset
-from vae_fast.training import TrainConfig, TrainingDiverged, kl_weight, train
+from vae_fast.training import TrainConfig, TrainingDiverged, TrainingInterrupted, kl_weight, train
 from png_grid import read_grid
 
 
@@ -126,3 +126,69 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_bad_arguments(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(_config(tmp_path, **overrides), _toy())
+
+
+# --- Exact resume in the middle of a KL warm-up, and the learning rate on --resume (issue 13).
+# The toy set: 64 training rows in batches of 16, 4 steps per epoch; a warm-up of 2.5 epochs
+# ramps the KL weight over the first 10 steps, so it is still ramping in epochs 1 to 3.
+WARMUP = {"epochs": 4, "beta": 2.0, "kl_warmup": 2.5, "lr": 1e-2}
+
+
+def _same_run(a: dict, b: dict) -> None:
+    """Two checkpoints of the same training: identical weights, Adam state and history."""
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for key, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], b["optimizer"]["state"][key][k]) for k in state), key
+    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert drop_time(a["history"]) == drop_time(b["history"])
+
+
+def test_resume_in_the_middle_of_the_kl_warmup_continues_exactly(tmp_path, monkeypatch):
+    straight = train(_config(tmp_path, out=str(tmp_path / "straight"), **WARMUP), _toy())
+    # The warm-up really is in progress across the resume points: the KL weight of each epoch's
+    # last step is beta * min(1, steps so far / 10).
+    assert [row["beta"] for row in straight] == pytest.approx([0.8, 1.6, 2.0, 2.0])
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    # At an epoch boundary (after epoch 1, KL weight 0.8 of 2).
+    split = _config(tmp_path, out=str(tmp_path / "split"), **WARMUP)
+    train(replace(split, epochs=1), _toy())
+    assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["train_config"]["kl_warmup"] == 2.5
+    train(replace(split, resume=str(tmp_path / "split" / "checkpoint.pt")), _toy())
+    _same_run(load_checkpoint(tmp_path / "split" / "checkpoint.pt"), reference)
+    # In the middle of an epoch: Ctrl-C (the test hook's SIGINT after step 6, seen at step 7)
+    # saves epoch 2 after its 3rd step, KL weight 1.4 of 2, and the resumed run finishes exactly.
+    mid = _config(tmp_path, out=str(tmp_path / "mid"), **WARMUP)
+    monkeypatch.setenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP", "6:SIGINT")
+    with pytest.raises(TrainingInterrupted):
+        train(mid, _toy())
+    monkeypatch.delenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP")
+    saved = load_checkpoint(tmp_path / "mid" / "checkpoint.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+    assert kl_weight(2.0, 2.5, step=1 * 4 + 3 - 1, steps_per_epoch=4) == pytest.approx(1.4)
+    train(replace(mid, resume=str(tmp_path / "mid" / "checkpoint.pt")), _toy())
+    _same_run(load_checkpoint(tmp_path / "mid" / "checkpoint.pt"), reference)
+
+
+def test_resume_takes_the_learning_rate_from_the_checkpoint(tmp_path):
+    """--lr on --resume is ignored (documented: "taken from the checkpoint on --resume"): a resume
+    with another --lr trains exactly as the uninterrupted run at the original one, and the
+    checkpoint records the rate actually used."""
+    train(_config(tmp_path, out=str(tmp_path / "straight"), epochs=3, lr=1e-2), _toy())
+    train(_config(tmp_path, out=str(tmp_path / "split"), epochs=1, lr=1e-2), _toy())
+    train(_config(tmp_path, out=str(tmp_path / "split"), epochs=3, lr=0.5, resume=str(tmp_path / "split" / "checkpoint.pt")), _toy())
+    reference, resumed = load_checkpoint(tmp_path / "straight" / "checkpoint.pt"), load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert [group["lr"] for group in resumed["optimizer"]["param_groups"]] == [1e-2]
+    _same_run(resumed, reference)
+    assert resumed["train_config"]["lr"] == 1e-2
+    # Control: the rate stored in the checkpoint is what the resumed run uses. The same epoch-1
+    # checkpoint with its Adam rate edited to 0.5 resumes (at --lr 1e-2) to other weights.
+    train(_config(tmp_path, out=str(tmp_path / "edited"), epochs=1, lr=1e-2), _toy())
+    edited = load_checkpoint(tmp_path / "edited" / "checkpoint.pt")
+    edited["optimizer"]["param_groups"][0]["lr"] = 0.5
+    torch.save(edited, tmp_path / "edited" / "checkpoint.pt")
+    train(_config(tmp_path, out=str(tmp_path / "edited"), epochs=3, lr=1e-2, resume=str(tmp_path / "edited" / "checkpoint.pt")), _toy())
+    result = load_checkpoint(tmp_path / "edited" / "checkpoint.pt")
+    assert result["train_config"]["lr"] == 0.5
+    assert not torch.equal(result["model"]["decoder.0.weight"], reference["model"]["decoder.0.weight"])

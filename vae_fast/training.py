@@ -20,7 +20,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -263,6 +263,11 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
         _check_resumable(checkpoint, config, model, data)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        # The learning rate is the checkpoint's (its Adam param_groups), whatever --lr says, as
+        # documented. Record that rate in the checkpoints this run writes: train_config used to
+        # keep the ignored --lr, so a resume with another --lr left a checkpoint naming a rate
+        # it was never trained at (issue 13).
+        config = replace(config, lr=optimizer.param_groups[0]["lr"])
         start_epoch, history = checkpoint["epoch"], checkpoint["history"]
         start_step, partial_epoch = checkpoint.get("step", 0), checkpoint.get("partial_epoch")
         if start_step:
