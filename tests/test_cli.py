@@ -52,6 +52,31 @@ def test_train_resume_adds_epochs(trained, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
 
 
+def test_resume_takes_the_kl_schedule_and_seed_from_the_checkpoint(tmp_path, capsys):
+    """`--resume PATH` alone continues exactly: beta, the KL warm-up and the seed (data split and
+    order) come from the checkpoint, so the resumed run equals the uninterrupted one; a flag that
+    contradicts the checkpoint is refused, since it would change the schedule mid-run (it used to
+    end a warm-up silently: KL weights 0.8, 2.0, 2.0 instead of 0.8, 1.6, 2.0)."""
+    run = ["--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet", "--batch-size", "512"]
+    schedule = ["--beta", "2", "--kl-warmup", "2.5", "--seed", "4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--out", str(straight), "--epochs", "3", *schedule, *run]) == 0
+    assert main(["train", "--out", str(split), "--epochs", "1", *schedule, *run]) == 0
+    assert main(["train", "--out", str(split), "--epochs", "3", "--resume", str(split / "checkpoint.pt"), *run]) == 0
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert [row["beta"] for row in a["history"]] == [row["beta"] for row in b["history"]]
+    assert a["history"][1]["beta"] < 2.0  # the warm-up was still running at the resume point
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert {k: b["train_config"][k] for k in ("beta", "kl_warmup", "seed")} == {"beta": 2.0, "kl_warmup": 2.5, "seed": 4}
+    for flag, value in (("--beta", "1"), ("--kl-warmup", "0"), ("--seed", "0")):
+        _one_line_error(capsys, ["train", "--out", str(tmp_path / "x"), "--epochs", "4", "--resume",
+                                 str(split / "checkpoint.pt"), flag, value, *run],
+                        f"{flag} {float(value) if flag != '--seed' else int(value)} differs from the")
+    # the same value as the checkpoint's is fine
+    assert main(["train", "--out", str(tmp_path / "y"), "--epochs", "4", "--resume", str(split / "checkpoint.pt"),
+                 "--beta", "2", *run]) == 0
+
+
 def test_eval_prints_elbo_and_iwae(trained, capsys):
     assert main(["eval", str(trained / "checkpoint.pt"), "--samples", "8", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)

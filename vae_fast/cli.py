@@ -81,9 +81,34 @@ def _report_user_errors(command: str, run) -> int:
     return 0
 
 
+# Settings that shape the run itself (KL schedule, data split and order): a resumed run takes them
+# from its checkpoint, so `--resume PATH` alone continues exactly; a flag that says otherwise is an
+# error, not a silent change of schedule mid-run.
+_RUN_SETTINGS = {"beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0)}
+
+
+def _settle_run_settings(args) -> None:
+    saved = {}
+    if args.resume:
+        from .checkpoints import load_checkpoint
+
+        saved = load_checkpoint(args.resume).get("train_config", {})
+    for name, (flag, default) in _RUN_SETTINGS.items():
+        given, stored = getattr(args, name), saved.get(name)
+        if given is None:
+            setattr(args, name, stored if stored is not None else default)
+        elif stored is not None and given != stored:
+            raise ValueError(
+                f"{flag} {given} differs from the {stored} that {args.resume} was trained with; a resumed run "
+                f"continues exactly: drop {flag} (the checkpoint's value is used), or start a new run")
+
+
 def _train(args) -> int:
     from .training import TrainConfig, train
 
+    settled = _report_user_errors("train", lambda: _settle_run_settings(args))
+    if settled:
+        return settled
     config = TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
@@ -138,10 +163,11 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (taken from the checkpoint on --resume)")
     train.add_argument("--latent-dim", type=int, default=20)
     train.add_argument("--hidden-dims", type=int, nargs="+", default=[400], help="encoder hidden widths; the decoder mirrors them")
-    train.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE)")
-    train.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="ramp the KL weight from 0 to --beta over this many epochs")
+    train.add_argument("--beta", type=float, default=None, help="weight of the KL term (beta-VAE); default 1, or the checkpoint's on --resume")
+    train.add_argument("--kl-warmup", type=float, default=None, metavar="EPOCHS",
+                       help="ramp the KL weight from 0 to --beta over this many epochs; default 0, or the checkpoint's on --resume")
     train.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=None, help="weights, data split and order, noise; default 0, or the checkpoint's on --resume")
     train.add_argument("--out", default="runs/vae", help="folder for metrics.csv/json, checkpoint.pt and the PNG images")
     train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint, exactly")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
