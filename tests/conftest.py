@@ -35,6 +35,21 @@ def max_elementwise_relative_error(actual: torch.Tensor, expected: torch.Tensor,
     return float(torch.where(torch.isfinite(error), error, torch.full_like(error, float("inf"))).max())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_enabled():
+    """A suite started in the background by a non-interactive shell (`./.ci/run &`, nohup, some CI
+    runners) inherits SIGINT ignored, and vae_fast's training then rightly leaves Ctrl-C alone, as
+    Python itself does. The Ctrl-C tests need it delivered as in an interactive terminal: install
+    Python's default handler for the session (child processes then start with SIGINT at its default too)."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _require_extension():
     # The suite tests the compiled kernels; a silent fallback to the reference would make every
