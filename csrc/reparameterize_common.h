@@ -16,6 +16,11 @@ inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& 
                     " but logvar is on ", logvar.device());
 }
 
+// A contiguous tensor of t's shape and options (the kernels index outputs as flat arrays).
+inline at::Tensor empty_like_contiguous(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 // The noise state of one reparameterize call: int64 [seed, offset], on the data's device.
 inline void check_noise_state(const char* op, const at::Tensor& state, const at::Tensor& like) {
   TORCH_CHECK_VALUE(state.scalar_type() == at::kLong && state.numel() == 2 && state.is_contiguous(), op,

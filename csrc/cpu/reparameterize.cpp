@@ -17,10 +17,6 @@ void run(const ReparameterizeProblem& p) {
   if (cpu_isa() == Isa::avx2) avx2::reparameterize(p); else generic::reparameterize(p);
 }
 
-at::Tensor empty_like_contiguous(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_sample_cpu(const at::Tensor& mu, const at::Tensor& logvar,

@@ -100,10 +100,6 @@ bool packs_aligned(std::initializer_list<const void*> pointers) {
   return true;
 }
 
-at::Tensor empty_like_contiguous(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 std::tuple<at::Tensor, at::Tensor> reparameterize_sample_cuda(const at::Tensor& mu, const at::Tensor& logvar,
                                                               std::optional<at::Generator> generator) {
   check_reparameterize_inputs(mu, logvar);
