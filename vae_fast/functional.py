@@ -10,7 +10,7 @@ import torch
 
 from . import _extension, ops, reference  # noqa: F401  (ops registers autograd and fake kernels)
 
-__all__ = ["reparameterize", "vae_loss", "loss_function"]
+__all__ = ["reparameterize", "vae_loss", "loss_function", "LIKELIHOODS"]
 
 REDUCTIONS = ("sum", "mean", "none")
 
@@ -66,6 +66,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
 
 
 _LOSS_ARGS = ("recon", "x", "mu", "logvar")
+LIKELIHOODS = reference.LIKELIHOODS
 
 
 def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
@@ -101,27 +102,104 @@ def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
     return float(beta)
 
 
+def _check_log_scale(likelihood: str, logits, log_scale, recon: torch.Tensor):
+    """The likelihood's arguments; returns log_scale as None, a float, or a tensor."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"vae_loss: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if likelihood == "bernoulli":
+        if log_scale is not None:
+            raise ValueError("vae_loss: log_scale applies to the 'gaussian' and 'laplace' likelihoods; "
+                             "the Bernoulli likelihood has no scale, so log_scale must be None")
+        return None
+    if logits:
+        raise ValueError(f"vae_loss: logits=True applies to the Bernoulli likelihood only; with likelihood={likelihood!r} "
+                         "recon is the mean (location) of the distribution, not a logit")
+    if log_scale is None or isinstance(log_scale, torch.Tensor):
+        if log_scale is not None:
+            _check_log_scale_tensor(log_scale, recon)
+        return log_scale
+    if isinstance(log_scale, bool) or not isinstance(log_scale, numbers.Real):
+        raise TypeError(f"vae_loss: log_scale must be None, a real number or a floating tensor, got {type(log_scale).__name__}")
+    if not math.isfinite(log_scale):
+        raise ValueError(f"vae_loss: log_scale must be finite, got {log_scale}")
+    return float(log_scale)
+
+
+def log_scale_kind(log_scale: torch.Tensor, recon_shape) -> str | None:
+    """'shared' (one value), 'feature' (one per element of a sample, shared over the batch) or
+    'element' (recon's full shape) for a log_scale tensor of that shape; None for any other shape.
+
+    Shapes that broadcast to recon's the same way count too: (1,) or (1, 1) is shared, and
+    (1, *per_sample) per feature, so that `nn.Parameter(torch.zeros(1))` works as a shared scale.
+    """
+    shape = tuple(log_scale.shape)
+    if all(size == 1 for size in shape) and len(shape) <= len(recon_shape):
+        return "shared"
+    per_sample = tuple(recon_shape[1:])
+    stripped = shape
+    while len(stripped) > len(per_sample) and stripped[0] == 1:
+        stripped = stripped[1:]
+    if stripped == per_sample:
+        return "feature"
+    if shape == tuple(recon_shape):
+        return "element"
+    return None
+
+
+def _check_log_scale_tensor(log_scale: torch.Tensor, recon: torch.Tensor) -> None:
+    if not log_scale.is_floating_point():
+        raise TypeError(f"vae_loss: log_scale must be a floating-point tensor, got dtype {log_scale.dtype}")
+    if log_scale.device != recon.device:
+        raise ValueError(f"vae_loss: log_scale is on {log_scale.device} but recon is on {recon.device}")
+    if log_scale_kind(log_scale, recon.shape) is None:
+        raise ValueError(
+            f"vae_loss: log_scale has shape {tuple(log_scale.shape)}, which is none of: one shared value (shape ()), "
+            f"one per feature (recon's per-sample shape {tuple(recon.shape[1:])}), or one per element "
+            f"(recon's shape {tuple(recon.shape)})"
+        )
+
+
 def vae_loss(
     recon: torch.Tensor,
     x: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
     *,
+    likelihood: str = "bernoulli",
     logits: bool = False,
+    log_scale: torch.Tensor | float | None = None,
     beta: float = 1.0,
     reduction: str = "sum",
 ) -> torch.Tensor:
-    """The negative ELBO of a Bernoulli-decoder VAE, in one fused pass.
+    """The negative ELBO of a VAE, -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)), in one fused pass.
 
-    per-sample loss = sum_features BCE(recon, x) + beta * sum_latents KL_j,
-    KL_j = -0.5 * (1 + logvar - mu^2 - exp(logvar)).
+    per-sample loss = sum_features NLL(x | recon) + beta * sum_latents KL_j,
+    KL_j = -0.5 * (1 + logvar - mu^2 - exp(logvar)), where NLL per element is
+
+    - bernoulli: -[x log p + (1 - x) log(1 - p)], p = recon (or sigmoid(recon) with `logits=True`);
+    - gaussian:  0.5 * ((x - recon) / sigma)^2 + log(sigma) + 0.5 * log(2 pi), sigma = exp(log_scale);
+    - laplace:   |x - recon| / b + log(b) + log(2), b = exp(log_scale). At x == recon its gradient
+      is taken as 0 (the subgradient torch.abs uses).
+
+    Every constant is kept, so the loss is a true negative ELBO in nats that compares across
+    likelihoods and with `vae_fast.evaluation.iwae_log_likelihood`. With a fixed sigma = 1 the
+    Gaussian term is 0.5 * (sum of squared errors) + 0.5 * D * log(2 pi): the "MSE" loss up to a
+    factor 1/2 and a constant, so it has the same minimiser but a KL weight twice as large relative
+    to it as `F.mse_loss(reduction="sum") + KL`; learning sigma sets that balance from the data.
 
     Args:
-        recon: [B, ...] decoder output: probabilities in [0, 1], or logits when `logits=True`
-            (the numerically safer choice: no log(0) clamping, exact gradients when saturated).
-        x: [B, ...] targets in [0, 1], any shape with recon's number of elements per sample
-            (e.g. images [B, 1, 28, 28] against recon [B, 784]).
+        recon: [B, ...] decoder output: probabilities in [0, 1] or logits (bernoulli), or the mean
+            / location (gaussian, laplace; any real number).
+        x: [B, ...] targets, any shape with recon's number of elements per sample (e.g. images
+            [B, 1, 28, 28] against recon [B, 784]); in [0, 1] for bernoulli, any real otherwise.
         mu, logvar: [B, L] posterior mean and log-variance.
+        likelihood: "bernoulli" (default), "gaussian" or "laplace".
+        logits: recon holds Bernoulli logits (the numerically safer choice: no log(0) clamping,
+            exact gradients when saturated). Bernoulli only.
+        log_scale: log of the decoder's scale, gaussian/laplace only: None (0, a unit scale), a
+            float (fixed), or a tensor, which may require grad (a learned scale), of shape () or
+            (1,) (one shared value), recon's per-sample shape (one per feature, shared over the
+            batch), or recon's shape (one per element). Its gradient comes back in its own shape.
         beta: weight of the KL term, >= 0 (beta-VAE).
         reduction: "sum" over the batch (the PyTorch examples' convention), "mean" over the batch,
             or "none" for the [B] per-sample losses.
@@ -129,13 +207,20 @@ def vae_loss(
         The loss, float32 for float32/float16/bfloat16 inputs and float64 for float64 inputs.
     Raises:
         TypeError for non-tensors or non-floating dtypes; ValueError for mismatched shapes, batch
-        sizes or devices, an unknown reduction, a negative beta, and (on CPU) probabilities or
-        targets outside [0, 1]. NaN inputs give a NaN loss; a logvar whose exp overflows gives +inf.
+        sizes or devices, an unknown likelihood or reduction, logits=True or a log_scale with a
+        likelihood that has no use for it, a log_scale of another shape, a negative beta, and (on
+        CPU) Bernoulli probabilities or targets outside [0, 1]. NaN or infinite inputs give a NaN
+        loss (and NaN gradients for gaussian/laplace); a logvar whose exp overflows gives +inf.
     """
     beta = _check_loss_args(recon, x, mu, logvar, beta, reduction)
-    recon, x, mu, logvar = _common_dtype(recon, x, mu, logvar)
-    if not _extension.serves(recon.device):
-        return reference.vae_loss(recon, x, mu, logvar, logits=logits, beta=beta, reduction=reduction)
+    log_scale = _check_log_scale(likelihood, logits, log_scale, recon)
+    if isinstance(log_scale, torch.Tensor):
+        recon, x, mu, logvar, log_scale = _common_dtype(recon, x, mu, logvar, log_scale)
+    else:
+        recon, x, mu, logvar = _common_dtype(recon, x, mu, logvar)
+    if likelihood != "bernoulli" or not _extension.serves(recon.device):
+        return reference.vae_loss(recon, x, mu, logvar, likelihood=likelihood, logits=logits, log_scale=log_scale,
+                                  beta=beta, reduction=reduction)
     if torch.is_grad_enabled():
         grad_mask = [t.requires_grad for t in (recon, x, mu, logvar)]
     else:
