@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_fast.data import DataError, load_dataset, read_idx
+from vae_fast.data import DataError, dequantize_levels, load_dataset, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -112,7 +112,6 @@ def test_npy_uint8_images_and_float_rows(tmp_path):
 @pytest.mark.parametrize(
     "array, message",
     [
-        (np.full((10, 4), 2.0), r"must be finite and lie in \[0, 1\]"),
         (np.full((10, 4), np.nan), "must be finite"),
         (np.zeros(10), r"shape \[N, D\] or \[N, H, W\]"),
         (np.zeros((10, 4), dtype=np.int64), "is not uint8 or floating point"),
@@ -226,3 +225,146 @@ def test_npy_split_partitions_the_rows(tmp_path):
     assert len(set(_pairs(data.test_x, None))) == n // 5
     again = load_dataset("npy", data_file=tmp_path / "rows.npy", seed=2)
     assert torch.equal(again.test_x, data.test_x) and torch.equal(again.train_x, data.train_x)
+
+
+# --- Continuous data (issue 10): scikit-learn's tabular sets standardized with the training
+# split's statistics, real-valued npy rows, and uniform dequantization of grey levels.
+
+TABULAR = {"wine": (178, 13, 3), "breast-cancer": (569, 30, 2), "diabetes": (442, 10, None)}
+
+
+def _sklearn_source(name):
+    import sklearn.datasets
+
+    loader = {"wine": "load_wine", "breast-cancer": "load_breast_cancer", "diabetes": "load_diabetes"}[name]
+    bunch = getattr(sklearn.datasets, loader)()
+    return np.asarray(bunch.data, dtype=np.float64), bunch.target
+
+
+@pytest.mark.parametrize("name", list(TABULAR))
+def test_tabular_sets_are_standardized_with_the_training_statistics(name):
+    n, d, classes = TABULAR[name]
+    data = load_dataset(name, seed=1)
+    assert data.continuous and not data.is_image and data.image_shape == (d,)
+    assert data.train_x.dtype == torch.float32 and len(data.train_x) + len(data.test_x) == n and len(data.test_x) == n // 5
+    assert len(data.feature_names) == d
+    # Training split: mean 0, standard deviation 1 per feature.
+    np.testing.assert_allclose(data.train_x.double().mean(0).numpy(), 0, atol=1e-6)
+    np.testing.assert_allclose(data.train_x.double().std(0, unbiased=False).numpy(), 1, atol=1e-5)
+    # The held-out split is scaled by the training numbers, not its own: its mean is not 0.
+    assert data.test_x.double().mean(0).abs().max() > 0.05
+    # Recomputed from the raw source in numpy: find each split's rows by matching the rows'
+    # standardization with the training rows' statistics.
+    raw, target = _sklearn_source(name)
+    source = torch.from_numpy(raw)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    train_raw, test_raw = raw[order[n // 5:].numpy()], raw[order[: n // 5].numpy()]
+    mean, std = train_raw.mean(0), train_raw.std(0)
+    np.testing.assert_allclose(data.test_x.numpy(), (test_raw - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(data.train_x.numpy(), (train_raw - mean) / std, rtol=1e-5, atol=1e-5)
+    # Splits partition the source rows (each held-out row is a source row, none is in both).
+    restored = torch.cat([data.train_x, data.test_x]).double() * torch.from_numpy(std) + torch.from_numpy(mean)
+    assert torch.allclose(restored[torch.argsort(torch.cat([order[n // 5:], order[: n // 5]]))], source, rtol=1e-5, atol=1e-4)
+    if classes is None:
+        assert data.train_y is None and data.test_y is None
+    else:
+        assert torch.equal(data.test_y, torch.from_numpy(target[order[: n // 5].numpy()]).long())
+        assert set(torch.cat([data.train_y, data.test_y]).tolist()) == set(range(classes))
+
+
+def test_tabular_split_depends_on_the_seed():
+    a, b = load_dataset("wine", seed=0), load_dataset("wine", seed=0)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
+    assert not torch.equal(load_dataset("wine", seed=1).test_y, a.test_y)
+
+
+def test_npy_real_rows_are_continuous_tabular_data(tmp_path):
+    rows = np.random.default_rng(0).normal(3.0, 5.0, size=(20, 7))
+    np.save(tmp_path / "real.npy", rows)
+    data = load_dataset("npy", data_file=tmp_path / "real.npy")
+    assert data.continuous and data.image_shape == (7,) and data.levels is None
+    together = torch.cat([data.train_x, data.test_x])
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, rows.astype(np.float32).tolist()))
+    # Rows in [0, 1] stay what they were: image-like, not continuous.
+    np.save(tmp_path / "unit.npy", np.random.default_rng(0).random((20, 9)))
+    unit = load_dataset("npy", data_file=tmp_path / "unit.npy")
+    assert not unit.continuous and unit.image_shape == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.array([[0.5, np.inf], [1.0, 2.0]] * 5), r"must be finite \(it holds NaN or infinity\)"),
+        (np.array([[0.5, -np.inf], [-1.0, 2.0]] * 5), "must be finite"),
+        (np.full((10, 3), 1e300), "overflow float32"),
+        (np.full((10, 2, 2), 3.0), r"float images must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_real_valued_npy_arrays(tmp_path, array, message):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=message):
+        load_dataset("npy", data_file=tmp_path / "bad.npy")
+
+
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_dequantization_stays_in_each_levels_bin(levels):
+    k = torch.arange(levels, dtype=torch.float64).repeat(400)
+    x = (k / (levels - 1)).float()
+    out = dequantize_levels(x, levels, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32
+    # Exactly inside [k / levels, (k + 1) / levels), checked in float64 on the float32 values.
+    assert bool((out.double() >= k / levels).all()) and bool((out.double() < (k + 1) / levels).all())
+    # And spread over the bin like U[0, 1): per level, offsets' mean ~ 1/2 and range close to [0, 1).
+    offset = (out.double() * levels - k).reshape(400, levels)
+    assert offset.mean(0).sub(0.5).abs().max() < 0.1
+    assert offset.min() < 0.05 and offset.max() > 0.95
+
+
+@pytest.mark.parametrize("levels", [17, 256])
+@pytest.mark.parametrize("u", [0.0, 1 - 2**-53])
+def test_dequantization_at_the_bins_edges(monkeypatch, levels, u):
+    """u at either end of [0, 1): in float32, (k + u) / levels rounds onto the next bin's lower edge
+    ((k + 1) / levels, for k = levels - 1 the value 1.0) and must be moved back inside."""
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=torch.float64))
+    k = torch.arange(levels, dtype=torch.float64)
+    out = dequantize_levels((k / (levels - 1)).float(), levels)
+    assert bool((out.double() >= k / levels).all()) and bool((out.double() < (k + 1) / levels).all())
+    if u:
+        assert float(out[-1]) < 1.0 and float(out[-1]) == float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+
+
+def test_dequantization_levels_are_checked():
+    for levels in (1, 0, 2.5, True):
+        with pytest.raises(ValueError, match="levels must be an integer >= 2"):
+            dequantize_levels(torch.zeros(3), levels)
+
+
+def test_dequantized_data_sets():
+    data = load_dataset("digits", seed=2, dequantize=True)
+    plain = load_dataset("digits", seed=2)
+    assert data.dequantized and data.levels == 17 and not plain.dequantized
+    # The training split keeps its grey levels (training dequantizes each batch afresh) ...
+    assert torch.equal(data.train_x, plain.train_x)
+    # ... the held-out one is dequantized once, into each pixel's bin, the same for the same seed.
+    k = torch.round(plain.test_x.double() * 16)
+    assert bool((data.test_x.double() >= k / 17).all()) and bool((data.test_x.double() < (k + 1) / 17).all())
+    assert torch.equal(load_dataset("digits", seed=2, dequantize=True).test_x, data.test_x)
+    assert not torch.equal(data.test_x, plain.test_x)
+
+
+def test_dequantizing_real_valued_data_is_refused(tmp_path):
+    with pytest.raises(DataError, match="--dequantize: data set wine holds real values"):
+        load_dataset("wine", dequantize=True)
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((10, 4)))
+    with pytest.raises(DataError, match="holds real values"):
+        load_dataset("npy", data_file=tmp_path / "rows.npy", dequantize=True)
+
+
+@pytest.mark.skipif(not SHARED_MNIST.exists(), reason="the shared MNIST test files are not in this checkout's neighbourhood")
+def test_real_mnist_grey_levels_dequantized():
+    data = load_dataset("mnist", data_dir=SHARED_MNIST, download_url=None, dequantize=True)
+    assert data.levels == 256 and data.image_shape == (28, 28) and data.is_image
+    images = read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz").reshape(10000, -1).astype(np.float64)
+    order = torch.randperm(10000, generator=torch.Generator().manual_seed(0))
+    pixels = torch.from_numpy(images[order[:2000].numpy()])
+    assert bool((data.test_x.double() >= pixels / 256).all()) and bool((data.test_x.double() < (pixels + 1) / 256).all())
