@@ -362,3 +362,174 @@ def test_wrong_input_width_names_input_dim():
 def test_bad_dimensions_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VAE(**kwargs)
+
+
+# --- Gaussian and Laplace decoders with a learned scale (issue 10). The oracle is
+# torch.distributions in float64 on the model's own outputs, independent of vae_fast's loss code.
+
+_LIKELIHOOD_CASES = [(lik, scale) for lik in ("gaussian", "laplace") for scale in ("none", "shared", "feature")]
+
+
+def _continuous_model(likelihood: str, learn_scale: str, seed: int = 0) -> VAE:
+    """A float64 model whose learned log_scale (if any) is moved off its initial 0, so that a
+    dropped or misplaced scale shows."""
+    torch.manual_seed(seed)
+    model = VAE(input_dim=6, hidden_dim=8, latent_dim=3, likelihood=likelihood, learn_scale=learn_scale).double()
+    if model.log_scale is not None:
+        with torch.no_grad():
+            model.log_scale.copy_(torch.empty_like(model.log_scale).uniform_(-1.0, 0.7))
+    return model
+
+
+def _independent_negative_elbo(model: VAE, x: torch.Tensor, output, mu, logvar, beta: float = 1.0) -> torch.Tensor:
+    """Per-sample -log p(x|z) + beta * KL(q || N(0, I)) from torch.distributions."""
+    from torch.distributions import Laplace, Normal, kl_divergence
+
+    log_scale = torch.zeros((), dtype=output.dtype) if model.log_scale is None else model.log_scale
+    family = Normal if model.likelihood == "gaussian" else Laplace
+    log_px_z = family(output, log_scale.exp()).log_prob(x).sum(1)
+    kl = kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(torch.zeros_like(mu), torch.ones_like(mu))).sum(1)
+    return -log_px_z + beta * kl
+
+
+@pytest.mark.parametrize("likelihood, learn_scale", _LIKELIHOOD_CASES)
+def test_continuous_decoder_outputs_the_mean_directly(likelihood, learn_scale):
+    model = _continuous_model(likelihood, learn_scale)
+    x = torch.randn(5, 6, dtype=torch.float64) * 3
+    torch.manual_seed(1)
+    recon, mu, logvar = model(x)
+    torch.manual_seed(1)
+    output, mu2, logvar2 = model.forward_output(x)
+    torch.testing.assert_close(recon, output, rtol=0, atol=0)  # no sigmoid: the mean is any real
+    assert recon.shape == (5, 6) and mu.shape == logvar.shape == (5, 3)
+    torch.testing.assert_close(model.reconstruct(x), model.decoder(mu), rtol=0, atol=0)
+    assert bool((model.sample(64) < 0).any())  # an untrained linear output layer: negative means too
+
+
+@pytest.mark.parametrize("likelihood, learn_scale", _LIKELIHOOD_CASES + [("bernoulli", "none")])
+def test_log_scale_is_a_parameter_of_the_documented_shape(likelihood, learn_scale):
+    model = VAE(input_dim=6, hidden_dim=8, latent_dim=3, likelihood=likelihood, learn_scale=learn_scale)
+    expected_shape = {"none": None, "shared": (), "feature": (6,)}[learn_scale]
+    assert (model.likelihood, model.learn_scale) == (likelihood, learn_scale)
+    if expected_shape is None:
+        assert model.log_scale is None and "log_scale" not in model.state_dict()
+    else:
+        assert isinstance(model.log_scale, torch.nn.Parameter) and model.log_scale.shape == expected_shape
+        assert bool((model.log_scale == 0).all())  # scale 1 at the start
+        assert any(p is model.log_scale for p in model.parameters())  # an optimizer sees it
+        assert "log_scale" in model.state_dict()
+    assert model.loss_kwargs() == {"likelihood": likelihood, "logits": likelihood == "bernoulli", "log_scale": model.log_scale}
+
+
+@pytest.mark.parametrize("likelihood, learn_scale", _LIKELIHOOD_CASES)
+def test_loss_and_every_gradient_match_torch_distributions(likelihood, learn_scale):
+    """model.loss(x) (the fused loss) against the negative ELBO from torch.distributions on the
+    same forward pass (same seed, so the same z), and every parameter gradient, log_scale's
+    included. float64: agreement to ~1e-12 is expected; 1e-9 leaves room for summation order."""
+    model = _continuous_model(likelihood, learn_scale)
+    x = torch.randn(7, 6, dtype=torch.float64) * 2 + 0.5
+    for reduction, beta in (("sum", 1.0), ("mean", 0.3)):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        loss = model.loss(x, beta=beta, reduction=reduction)
+        loss.backward()
+        ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        per_sample = _independent_negative_elbo(model, x, *model.forward_output(x), beta=beta)
+        expected = per_sample.sum() if reduction == "sum" else per_sample.mean()
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-9, atol=0)
+        for name, p in model.named_parameters():
+            assert p.grad.abs().max() > 0, f"{name}: a zero gradient would make the check vacuous"
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    with torch.no_grad():
+        torch.manual_seed(3)
+        per_sample = model.loss(x, reduction="none")
+        torch.manual_seed(3)
+        expected = _independent_negative_elbo(model, x, *model.forward_output(x))
+    assert per_sample.shape == (7,)
+    torch.testing.assert_close(per_sample, expected, rtol=1e-9, atol=0)
+
+
+def test_bernoulli_loss_is_the_logits_path_of_the_fused_loss():
+    torch.manual_seed(0)
+    model, x = VAE(input_dim=64, hidden_dim=32, latent_dim=4), torch.rand(8, 64)
+    torch.manual_seed(2)
+    loss = model.loss(x, beta=0.5)
+    torch.manual_seed(2)
+    logits, mu, logvar = model.forward_logits(x)
+    torch.testing.assert_close(loss, vae_fast.vae_loss(logits, x, mu, logvar, logits=True, beta=0.5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"x \(the target\) must lie in \[0, 1\]"):
+        model.loss(x * 2 - 0.5)
+
+
+def test_continuous_models_have_no_logits():
+    model = VAE(input_dim=6, hidden_dim=8, latent_dim=3, likelihood="gaussian")
+    for call in (lambda: model.forward_logits(torch.zeros(2, 6)), lambda: model.decode_logits(torch.zeros(2, 3))):
+        with pytest.raises(ValueError, match="'gaussian', which has no logits.*forward_output"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"likelihood": "normal"}, r"likelihood must be one of \('bernoulli', 'gaussian', 'laplace'\), got 'normal'"),
+        ({"likelihood": "gaussian", "learn_scale": "element"}, r"learn_scale must be one of \('none', 'shared', 'feature'\), got 'element'"),
+        ({"learn_scale": "shared"}, "learn_scale='shared' needs a 'gaussian' or 'laplace' likelihood"),
+    ],
+)
+def test_bad_likelihood_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAE(input_dim=6, hidden_dim=8, latent_dim=3, **kwargs)
+
+
+@pytest.mark.parametrize("likelihood, learn_scale", [("bernoulli", "none"), ("gaussian", "feature"), ("laplace", "shared")])
+def test_checkpoint_rebuilds_the_model_with_its_learned_scale(tmp_path, likelihood, learn_scale):
+    from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = VAE(input_dim=6, hidden_dims=(8, 5), latent_dim=2, likelihood=likelihood, learn_scale=learn_scale)
+    if model.log_scale is not None:
+        with torch.no_grad():
+            model.log_scale.uniform_(-1, 1)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model_config": model.config(), "model": model.state_dict(), "optimizer": {}, "epoch": 0,
+                           "dataset": {}, "train_config": {}, "rng_states": {}, "history": []})
+    loaded = model_from_checkpoint(load_checkpoint(path), path)
+    assert type(loaded) is VAE and loaded.config() == model.config()
+    assert loaded.config() == {"model": "mlp", "input_dim": 6, "latent_dim": 2, "hidden_dims": [8, 5],
+                               "likelihood": likelihood, "learn_scale": learn_scale}
+    for (name, theirs), ours in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    x = torch.rand(4, 6)
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_likelihoods_loads_as_a_bernoulli_mlp():
+    from vae_fast.checkpoints import CheckpointError, model_config, model_from_checkpoint
+
+    torch.manual_seed(0)
+    model = VAE(input_dim=6, hidden_dims=(8,), latent_dim=2)
+    old = {"model_config": {"input_dim": 6, "latent_dim": 2, "hidden_dims": [8]}, "model": model.state_dict()}
+    assert model_config(old) == model.config()
+    loaded = model_from_checkpoint(old)
+    assert (loaded.likelihood, loaded.learn_scale, loaded.log_scale) == ("bernoulli", "none", None)
+    # A learned scale whose configuration says there is none does not load silently.
+    gaussian = VAE(input_dim=6, hidden_dims=(8,), latent_dim=2, likelihood="gaussian", learn_scale="shared")
+    mismatched = {"model_config": {**gaussian.config(), "learn_scale": "none"}, "model": gaussian.state_dict()}
+    with pytest.raises(CheckpointError, match="log_scale"):
+        model_from_checkpoint(mismatched)
+    with pytest.raises(CheckpointError, match="unknown model kind 'rnn'"):
+        model_from_checkpoint({"model_config": {**model.config(), "model": "rnn"}, "model": model.state_dict()})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("likelihood, learn_scale", [("gaussian", "feature"), ("laplace", "shared")])
+def test_cuda_continuous_training_step(likelihood, learn_scale):
+    torch.manual_seed(0)
+    model = VAE(likelihood=likelihood, learn_scale=learn_scale).cuda()
+    loss = model.loss(torch.randn(8, 784, device="cuda"))
+    loss.backward()
+    assert loss.device.type == "cuda" and torch.isfinite(loss)
+    assert model.log_scale.grad is not None and bool(torch.isfinite(model.log_scale.grad).all())

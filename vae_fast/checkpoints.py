@@ -14,7 +14,8 @@ import torch
 
 from .model import VAE
 
-__all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "FORMAT"]
+__all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_config",
+           "model_from_config", "FORMAT"]
 
 FORMAT = "vae_fast.checkpoint/1"
 _REQUIRED = ("format", "model_config", "model", "optimizer", "epoch", "dataset", "train_config", "rng_states", "history")
@@ -118,13 +119,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+# A model_config written before issue 10 has no "model" key: it is the Bernoulli MLP, the only model then.
+_OLD_MLP_DEFAULTS = {"model": "mlp", "likelihood": "bernoulli", "learn_scale": "none"}
+
+
+def model_config(checkpoint: dict) -> dict:
+    """The checkpoint's model configuration with every key today's models write: a configuration
+    without "model" (from before the likelihood and conv options existed) is an MLP Bernoulli VAE.
+    Compare this, not checkpoint["model_config"], with a `model.config()`."""
+    config = dict(checkpoint["model_config"])
+    if "model" not in config:
+        config = {**_OLD_MLP_DEFAULTS, **config}
+    return config
+
+
+def model_from_config(config: dict) -> VAE:
+    """A freshly initialised model of the kind and architecture `config` (a `model.config()`) names.
+
+    Raises KeyError for a missing entry and ValueError for an unknown "model" or a bad argument.
+    """
+    kind, likelihood = config["model"], {"likelihood": config["likelihood"], "learn_scale": config["learn_scale"]}
+    if kind == "mlp":
+        return VAE(config["input_dim"], latent_dim=config["latent_dim"], hidden_dims=config["hidden_dims"], **likelihood)
+    raise ValueError(f"unknown model kind {kind!r} (expected 'mlp')")
+
+
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> VAE:
-    """The VAE the checkpoint describes, with its weights. Raises CheckpointError when they disagree."""
-    config = checkpoint["model_config"]
+    """The model (VAE, or ConvVAE) the checkpoint describes, with its weights, the learned log_scale
+    included. Raises CheckpointError when they disagree or the configuration is unusable."""
+    config = model_config(checkpoint)
     try:
-        model = VAE(config["input_dim"], latent_dim=config["latent_dim"], hidden_dims=config["hidden_dims"])
+        model = model_from_config(config)
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model configuration {config}: {first_line}") from None
+        # load_state_dict's first line only says that it failed; the second says which keys.
+        reason = " ".join(line.strip() for line in str(error).strip().splitlines()[:2])
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model configuration {config}: {reason}") from None
     return model
