@@ -2,6 +2,7 @@
 --resume, a mismatched checkpoint and a diverging loss. Tiny model and data throughout."""
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -192,3 +193,216 @@ def test_resume_takes_the_learning_rate_from_the_checkpoint(tmp_path):
     result = load_checkpoint(tmp_path / "edited" / "checkpoint.pt")
     assert result["train_config"]["lr"] == 0.5
     assert not torch.equal(result["model"]["decoder.0.weight"], reference["model"]["decoder.0.weight"])
+
+
+# --- Gaussian and Laplace decoders, learned scales, dequantization, the model kind (issue 10).
+
+
+def _real(name: str = "real", *, shift: float = 0.0) -> Dataset:
+    """Continuous rows of 6 features, standard-normal-ish, not in [0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(80, 6, generator=g) + shift
+    return Dataset(name, x[:64], None, x[64:], None, (6,), continuous=True)
+
+
+def _grey(name: str = "grey") -> Dataset:
+    """16 grey levels per pixel (k / 15), 4x4 images, marked quantized."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 16, (80, 16), generator=g).float() / 15
+    return Dataset(name, x[:64], None, x[64:], None, (4, 4), levels=16)
+
+
+@pytest.mark.parametrize("likelihood, learn_scale", [("gaussian", "shared"), ("laplace", "feature"), ("gaussian", "none")])
+def test_continuous_likelihoods_train_and_log_the_scale(tmp_path, likelihood, learn_scale):
+    history = train(_config(tmp_path, likelihood=likelihood, learn_scale=learn_scale, lr=1e-2), _real())
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    config = checkpoint["model_config"]
+    assert (config["likelihood"], config["learn_scale"]) == (likelihood, learn_scale)
+    model = model_from_checkpoint(checkpoint)
+    # The logged scale is exp(log_scale), averaged over features for a per-feature scale.
+    expected = 1.0 if learn_scale == "none" else float(torch.exp(model.log_scale.detach().double()).mean())
+    assert history[-1]["scale"] == pytest.approx(expected, rel=1e-12)
+    if learn_scale != "none":
+        assert history[-1]["scale"] != 1.0  # it was learned (initialised at exp(0) = 1)
+        assert tuple(model.log_scale.shape) == {"shared": (), "feature": (6,)}[learn_scale]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "scale" in header
+    assert history[-1]["test_loss"] == pytest.approx(history[-1]["test_recon"] + history[-1]["test_kl"])
+    assert history[-1]["test_loss"] < history[0]["test_loss"] or len(history) == 1
+
+
+def test_bernoulli_metrics_have_no_scale_column(tmp_path):
+    history = train(_config(tmp_path, epochs=1), _toy())
+    assert "scale" not in history[0]
+
+
+def test_the_objective_is_the_negative_elbo_of_the_models_likelihood():
+    """NegativeElbo's loss against torch.distributions in float64 on the same posterior draw."""
+    from torch.distributions import Laplace, Normal
+
+    from vae_fast import VAE
+    from vae_fast.training import NegativeElbo
+
+    torch.manual_seed(0)
+    model = VAE(6, latent_dim=3, hidden_dims=(8,), likelihood="laplace", learn_scale="feature").double()
+    with torch.no_grad():
+        model.log_scale.copy_(torch.linspace(-1, 1, 6))
+    x = _real().train_x[:10].double()
+    torch.manual_seed(5)
+    loss, kl = NegativeElbo(model)(x, 0.5)
+    torch.manual_seed(5)
+    location, mu, logvar = model.forward_output(x)
+    nll = -Laplace(location, model.log_scale.exp()).log_prob(x).sum()
+    expected_kl = torch.distributions.kl_divergence(Normal(mu, (0.5 * logvar).exp()), Normal(0.0, 1.0)).sum()
+    assert loss.item() == pytest.approx((nll + 0.5 * expected_kl).item(), rel=1e-10)
+    assert kl.item() == pytest.approx(expected_kl.item(), rel=1e-10)
+
+
+def test_resume_with_a_learned_scale_and_dequantization_continues_exactly(tmp_path):
+    settings = {"likelihood": "gaussian", "learn_scale": "feature", "dequantize": True, "epochs": 3, "lr": 1e-2}
+    train(_config(tmp_path, out=str(tmp_path / "straight"), **settings), _dequantized_grey())
+    train(_config(tmp_path, out=str(tmp_path / "split"), **{**settings, "epochs": 1}), _dequantized_grey())
+    split = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert {k: split["train_config"][k] for k in ("likelihood", "learn_scale", "dequantize", "model")} == {
+        "likelihood": "gaussian", "learn_scale": "feature", "dequantize": True, "model": "mlp"}
+    assert "log_scale" in split["model"]
+    train(_config(tmp_path, out=str(tmp_path / "split"), resume=str(tmp_path / "split" / "checkpoint.pt"), **settings),
+          _dequantized_grey())
+    _same_run(load_checkpoint(tmp_path / "split" / "checkpoint.pt"), load_checkpoint(tmp_path / "straight" / "checkpoint.pt"))
+
+
+def _dequantized_grey() -> Dataset:
+    from vae_fast.data import dequantize_levels
+
+    data = _grey()
+    data.test_x = dequantize_levels(data.test_x, 16, generator=torch.Generator().manual_seed(9))
+    data.dequantized = True
+    return data
+
+
+def test_resume_refuses_another_likelihood_or_dequantization(tmp_path):
+    train(_config(tmp_path, epochs=1, likelihood="gaussian", learn_scale="shared"), _real())
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"likelihood=gaussian \(this run: laplace\)"):
+        train(_config(tmp_path, likelihood="laplace", learn_scale="shared", resume=checkpoint), _real())
+    with pytest.raises(CheckpointError, match=r"learn_scale=shared \(this run: feature\)"):
+        train(_config(tmp_path, likelihood="gaussian", learn_scale="feature", resume=checkpoint), _real())
+    train(_config(tmp_path, out=str(tmp_path / "dq"), epochs=1, likelihood="gaussian", dequantize=True), _dequantized_grey())
+    with pytest.raises(CheckpointError, match=r"dequantize=True \(this run: False\)"):
+        train(_config(tmp_path, likelihood="gaussian", resume=str(tmp_path / "dq" / "checkpoint.pt")), _grey())
+
+
+def test_dequantized_training_draws_fresh_noise_in_each_levels_bin(tmp_path, monkeypatch):
+    """Every training batch is dequantized afresh: each value lies in its grey level's bin, and the
+    same row gets other noise in another epoch; the held-out set is not touched by training."""
+    import vae_fast.training as training
+
+    seen = []
+    original = training.dequantize_levels
+
+    def recording(x, levels, **kwargs):
+        out = original(x, levels, **kwargs)
+        seen.append((x.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(training, "dequantize_levels", recording)
+    data = _dequantized_grey()
+    held_out = data.test_x.clone()
+    train(_config(tmp_path, likelihood="gaussian", dequantize=True, batch_size=64), data)  # one batch per epoch
+    assert len(seen) == 2 and torch.equal(data.test_x, held_out)
+    for grey, out in seen:
+        k = torch.round(grey.double() * 15)
+        assert bool((out.double() >= k / 16).all()) and bool((out.double() < (k + 1) / 16).all())
+    # The same 64 rows in both epochs (in another order): sorted per row, the noise differs.
+    (grey_1, out_1), (grey_2, out_2) = seen
+    key = lambda rows: sorted(range(len(rows)), key=lambda i: rows[i].tolist())  # noqa: E731
+    assert torch.equal(grey_1[key(grey_1)], grey_2[key(grey_2)])
+    assert not torch.equal(out_1[key(grey_1)], out_2[key(grey_2)])
+
+
+@pytest.mark.parametrize(
+    "overrides, data, message",
+    [
+        ({}, _real, r"--likelihood bernoulli needs data in \[0, 1\], but data set real holds values in \[.*\]; use --likelihood gaussian"),
+        ({"learn_scale": "shared"}, _toy, "--learn-scale shared needs --likelihood gaussian or laplace"),
+        ({"dequantize": True}, _grey, "--dequantize serves --likelihood gaussian or laplace"),
+        ({"model": "conv", "likelihood": "gaussian"}, _real, r"--model conv needs image data, but data set real has samples of shape \(6,\)"),
+        ({"model": "transformer"}, _toy, "--model must be one of mlp, conv"),
+        ({"likelihood": "poisson"}, _toy, "--likelihood must be one of bernoulli, gaussian, laplace"),
+        ({"likelihood": "gaussian", "learn_scale": "row"}, _toy, "--learn-scale must be one of none, shared, feature"),
+        ({"channels": (8, 0)}, _toy, "--channels must be positive"),
+    ],
+)
+def test_bad_model_likelihood_and_data_combinations(tmp_path, overrides, data, message):
+    with pytest.raises(ValueError, match=message):
+        train(_config(tmp_path, **overrides), data())
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # refused before training
+
+
+def test_bernoulli_still_takes_grey_levels_in_the_unit_interval(tmp_path):
+    history = train(_config(tmp_path, epochs=1), _grey())
+    assert math.isfinite(history[0]["test_loss"])
+
+
+def test_tabular_images_are_feature_scatter_plots(tmp_path):
+    from matplotlib import image as mpimg
+
+    data = _real()
+    data.feature_names = tuple(f"f{i}" for i in range(6))
+    train(_config(tmp_path, epochs=1, images=True, likelihood="gaussian", learn_scale="shared"), data)
+    out = tmp_path / "run"
+    for name in ("feature_reconstructions", "samples", "latent", "loss_curves"):
+        picture = mpimg.imread(out / f"{name}.png")
+        assert picture.shape[0] > 200 and picture.shape[1] > 200, name
+        assert picture[..., :3].std() > 0.05, f"{name}.png is blank"
+    # No image grids for data that is not an image.
+    assert not (out / "reconstructions.png").exists() and not (out / "interpolation.png").exists()
+    # 6 features, 5 scatter plots per row: 5 across and 2 down, so wider than tall.
+    picture = mpimg.imread(out / "feature_reconstructions.png")
+    assert picture.shape[1] > picture.shape[0]
+
+
+def test_r_squared_matches_scikit_learn():
+    from sklearn.metrics import r2_score
+
+    from vae_fast.plots import r_squared
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(50, 4))
+    prediction = truth + rng.normal(scale=[0.1, 0.5, 1.0, 3.0], size=(50, 4))
+    np.testing.assert_allclose(r_squared(truth, prediction), r2_score(truth, prediction, multioutput="raw_values"), rtol=1e-12)
+    constant = np.ones((5, 1))
+    assert np.isnan(r_squared(constant, constant + 1)[0])
+
+
+def test_gaussian_image_grids_show_the_means_clipped_to_the_unit_interval(tmp_path):
+    """A Gaussian decoder's means can leave [0, 1]: the grid shows them clipped (the gray colormap
+    with vmin 0, vmax 1), read back from the PNG against the model's means."""
+    from vae_fast import VAE
+    from vae_fast.plots import save_reconstructions
+
+    torch.manual_seed(0)
+    model = VAE(16, latent_dim=2, hidden_dims=(8,), likelihood="gaussian").eval()
+    # Means near -1.5, 0.5 and 2.5, laid out so that no row or column of a tile is all white or all
+    # black (read_grid finds the tiles by their non-white pixels).
+    pattern = torch.tensor([-1.5, 0.5, 2.5, 0.2])
+    with torch.no_grad():
+        model.decoder[-1].bias.copy_(pattern[(torch.arange(4)[:, None] + torch.arange(4)).flatten() % 4])
+        model.decoder[-1].weight.mul_(0.1)
+    x = _grey().test_x[:8]
+    with torch.no_grad():
+        means = model.decode_output(model.encode(x)[0])
+    assert bool((means < 0).any()) and bool((means > 1).any()) and bool(((means > 0) & (means < 1)).any())
+    save_reconstructions(model, x, (4, 4), tmp_path / "reconstructions.png")
+    tiles = read_grid(tmp_path / "reconstructions.png", (4, 4))
+    assert tiles.shape == (2, 8, 4, 4)
+    np.testing.assert_allclose(tiles[0], x.reshape(8, 4, 4).numpy(), atol=2 / 255)
+    np.testing.assert_allclose(tiles[1], means.clamp(0, 1).reshape(8, 4, 4).numpy(), atol=2 / 255)
+
+
+def test_gaussian_training_writes_the_image_grids(tmp_path):
+    train(_config(tmp_path, epochs=1, images=True, likelihood="gaussian", learn_scale="shared"), _grey())
+    out = tmp_path / "run"
+    shapes = {"reconstructions": (2, 8), "samples": (8, 8), "interpolation": (1, 10), "manifold": (15, 15)}
+    for name, shape in shapes.items():
+        assert read_grid(out / f"{name}.png", (4, 4)).shape[:2] == shape, name

@@ -81,10 +81,15 @@ def _report_user_errors(command: str, run) -> int:
     return 0
 
 
-# Settings that shape the run itself (KL schedule, data split and order): a resumed run takes them
-# from its checkpoint, so `--resume PATH` alone continues exactly; a flag that says otherwise is an
-# error, not a silent change of schedule mid-run.
-_RUN_SETTINGS = {"beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0)}
+# Settings that shape the run itself (KL schedule, data split and order, dequantization, the kind
+# of model and its likelihood): a resumed run takes them from its checkpoint, so `--resume PATH`
+# alone continues exactly; a flag that says otherwise is an error, not a silent change mid-run. A
+# checkpoint from before a setting existed holds its default.
+_RUN_SETTINGS = {
+    "beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0), "dequantize": ("--dequantize", False),
+    "model": ("--model", "mlp"), "likelihood": ("--likelihood", "bernoulli"), "learn_scale": ("--learn-scale", "none"),
+    "channels": ("--channels", (32, 64)),
+}
 
 
 def _settle_run_settings(args) -> None:
@@ -95,12 +100,21 @@ def _settle_run_settings(args) -> None:
         saved = load_checkpoint(args.resume).get("train_config", {})
     for name, (flag, default) in _RUN_SETTINGS.items():
         given, stored = getattr(args, name), saved.get(name)
+        if isinstance(given, list) or isinstance(stored, list):  # --channels (argparse's list, the checkpoint's)
+            given, stored = (None if v is None else tuple(v) for v in (given, stored))
         if given is None:
             setattr(args, name, stored if stored is not None else default)
         elif stored is not None and given != stored:
             raise ValueError(
-                f"{flag} {given} differs from the {stored} that {args.resume} was trained with; a resumed run "
-                f"continues exactly: drop {flag} (the checkpoint's value is used), or start a new run")
+                f"{flag} {_shown(given)} differs from the {_shown(stored)} that {args.resume} was trained with; a resumed "
+                f"run continues exactly: drop {flag} (the checkpoint's value is used), or start a new run")
+        else:
+            setattr(args, name, given)
+
+
+def _shown(value) -> str:
+    """A setting as it is typed: --channels 32 64, --dequantize True."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _train(args) -> int:
@@ -110,7 +124,8 @@ def _train(args) -> int:
     if settled:
         return settled
     config = TrainConfig(
-        dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, epochs=args.epochs,
+        dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, dequantize=args.dequantize, model=args.model,
+        likelihood=args.likelihood, learn_scale=args.learn_scale, channels=tuple(args.channels), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
         beta=args.beta, kl_warmup=args.kl_warmup, device=args.device or _default_device(), seed=args.seed,
         out=args.out, resume=args.resume, progress=not args.quiet,
@@ -119,7 +134,7 @@ def _train(args) -> int:
     def run():
         train(config)
         if not args.quiet:
-            print(f"metrics, checkpoint and images (reconstructions, samples, latent, interpolation, loss curves) in {args.out}/")
+            print(f"metrics, checkpoint and images in {args.out}/")
 
     return _report_user_errors("train", run)
 
@@ -151,13 +166,45 @@ def _sample(args) -> int:
 
 
 def _add_workflow_commands(commands) -> None:
-    """train, eval and sample: the VAE workflow around vae_fast.VAE."""
-    train = commands.add_parser("train", help="train a vae_fast.VAE; metrics, checkpoints and images in --out")
-    train.add_argument("--dataset", choices=["digits", "mnist", "npy"], default="digits",
+    """train, eval and sample: the VAE workflow around vae_fast.VAE and vae_fast.ConvVAE."""
+    # The choices, without importing torch's heavier parts at parse time: data and model are light.
+    from .data import DATASETS
+    from .model import LEARN_SCALES, LIKELIHOODS
+
+    train = commands.add_parser(
+        "train", help="train a vae_fast.VAE or ConvVAE; metrics, checkpoints and images in --out",
+        description="Train a VAE. Image data (digits, mnist, npy images) writes reconstructions.png, samples.png, "
+                    "interpolation.png, manifold.png (L=2), latent.png and loss_curves.png; tabular data (wine, "
+                    "breast-cancer, diabetes, real-valued npy rows) writes feature_reconstructions.png (held-out "
+                    "reconstructions against truth per feature, with R^2), samples.png (a heatmap), latent.png and "
+                    "loss_curves.png. Gaussian/Laplace means are clipped to [0, 1] in the image grids.")
+    train.add_argument("--dataset", choices=list(DATASETS), default="digits",
                        help="digits: scikit-learn's bundled 8x8 digits (offline); mnist: IDX files in --data-dir "
-                            "(downloaded when missing); npy: the array in --data-file")
+                            "(downloaded when missing), grey levels pixel/255, modelled as continuous values by "
+                            "--likelihood gaussian|laplace; npy: the array in --data-file; wine, breast-cancer, "
+                            "diabetes: scikit-learn's bundled tabular sets (offline), standardized with the training "
+                            "split's mean and std (continuous: use --likelihood gaussian or laplace)")
     train.add_argument("--data-dir", help="folder of the MNIST IDX files, .gz or raw")
-    train.add_argument("--data-file", help="a .npy array [N, D] or [N, H, W], uint8 or floats in [0, 1]")
+    train.add_argument("--data-file", help="a .npy array: images [N, H, W] or rows [N, D], uint8 or floats in [0, 1]; "
+                                           "rows of any finite real values are continuous tabular data")
+    train.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
+                       help="uniform dequantization of grey levels (digits, mnist, uint8 npy): level k becomes "
+                            "(k + u) / levels, u ~ U[0, 1), fresh for every training batch; the held-out set is "
+                            "dequantized once (seeded). For gaussian/laplace; recommended with a learned scale, "
+                            "which otherwise shrinks towards 0 on pixels that are always 0. Default off, or the "
+                            "checkpoint's on --resume")
+    train.add_argument("--model", choices=["mlp", "conv"], default=None,
+                       help="mlp: vae_fast.VAE (default); conv: vae_fast.ConvVAE, strided convolutions (image data); "
+                            "the checkpoint's on --resume")
+    train.add_argument("--likelihood", choices=list(LIKELIHOODS), default=None,
+                       help="the decoder's p(x|z): bernoulli (default; data in [0, 1]), gaussian or laplace (any real "
+                            "data); the checkpoint's on --resume")
+    train.add_argument("--learn-scale", choices=list(LEARN_SCALES), default=None,
+                       help="gaussian/laplace scale: none (fixed 1, default), shared (one learned value) or feature "
+                            "(one learned value per feature); logged per epoch as 'scale'; the checkpoint's on --resume")
+    train.add_argument("--channels", type=int, nargs="+", default=None,
+                       help="--model conv: encoder channels per stride-2 layer (default 32 64); the decoder mirrors "
+                            "them; the checkpoint's on --resume")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (taken from the checkpoint on --resume)")
@@ -173,20 +220,22 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="held-out negative ELBO and IWAE log-likelihood of a checkpoint")
+    evaluate = commands.add_parser("eval", help="held-out negative ELBO and IWAE log-likelihood of a checkpoint "
+                                                "(any model and likelihood, read from the checkpoint)")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--samples", type=int, default=1000, help="K, importance samples per input")
-    evaluate.add_argument("--dataset", choices=["digits", "mnist", "npy"], help="default: the one the checkpoint was trained on")
+    evaluate.add_argument("--dataset", choices=list(DATASETS), help="default: the one the checkpoint was trained on")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--data-file")
     evaluate.add_argument("--device")
     evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
     evaluate.set_defaults(run=_eval)
 
-    sample = commands.add_parser("sample", help="a PNG grid of samples from a checkpoint's prior")
+    sample = commands.add_parser("sample", help="samples from a checkpoint's prior: a PNG grid of images (a heatmap for "
+                                                "tabular data), or a .npy array")
     sample.add_argument("checkpoint")
     sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--out", default="samples.png", help="a .png picture, or a .npy file for the values (decoded means)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device")
     sample.set_defaults(run=_sample)

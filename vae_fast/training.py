@@ -1,5 +1,12 @@
-"""The `vae-fast train` loop: Adam on the negative ELBO through the model's logits fast path,
-per-epoch metrics (CSV and JSON), checkpoints that resume bit for bit, and images at the end.
+"""The `vae-fast train` loop: Adam on the negative ELBO through the fused loss, per-epoch metrics
+(CSV and JSON), checkpoints that resume bit for bit, and images at the end.
+
+Models: the MLP `vae_fast.VAE` or the convolutional `vae_fast.ConvVAE`, each with a Bernoulli,
+Gaussian or Laplace decoder, the last two with a fixed unit scale or a learned one (shared, or one
+per feature). The objective is `vae_loss(*model.forward_output(x), **model.loss_kwargs())`: for a
+Bernoulli decoder that is the logits path (no sigmoid backward), the fastest. Dequantized data sets
+(`--dequantize`) get fresh uniform noise for every training batch, drawn from torch's generator,
+whose state the checkpoints carry, so that a resumed run draws the same noise.
 
 Crash safety: checkpoints and metrics are written atomically (checkpoints.atomic_write), so a kill
 at any point leaves the previous complete file; Ctrl-C (SIGINT) finishes the current step, saves
@@ -32,14 +39,17 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .data import Dataset, load_dataset
+from .checkpoints import model_config
+from .data import Dataset, dequantize_levels, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
-from .model import VAE
+from .model import LEARN_SCALES, LIKELIHOODS, VAE
 
-__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight"]
+__all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight", "build_model",
+           "decoder_scale", "MODELS"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MODELS = ("mlp", "conv")
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,6 +120,11 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     data_file: str | None = None
+    dequantize: bool = False
+    model: str = "mlp"
+    likelihood: str = "bernoulli"
+    learn_scale: str = "none"
+    channels: tuple[int, ...] = (32, 64)
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -137,6 +152,30 @@ class TrainConfig:
             raise ValueError(f"--beta must be >= 0, got {self.beta}")
         if not self.kl_warmup >= 0:
             raise ValueError(f"--kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
+        for name, value, choices in (("model", self.model, MODELS), ("likelihood", self.likelihood, LIKELIHOODS),
+                                     ("learn-scale", self.learn_scale, LEARN_SCALES)):
+            if value not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ValueError(f"--channels must be positive integers, got {list(self.channels)}")
+        if self.likelihood == "bernoulli" and self.learn_scale != "none":
+            raise ValueError(f"--learn-scale {self.learn_scale} needs --likelihood gaussian or laplace: "
+                             "the Bernoulli likelihood has no scale to learn")
+        if self.likelihood == "bernoulli" and self.dequantize:
+            raise ValueError("--dequantize serves --likelihood gaussian or laplace (a density on continuous values); "
+                             "a Bernoulli decoder reads the grey levels themselves")
+
+    def check_data(self, data: Dataset) -> None:
+        """Raises ValueError when the data set does not suit the model or the likelihood."""
+        if self.likelihood == "bernoulli":
+            low = min(float(data.train_x.min()), float(data.test_x.min()))
+            high = max(float(data.train_x.max()), float(data.test_x.max()))
+            if low < 0 or high > 1:
+                raise ValueError(f"--likelihood bernoulli needs data in [0, 1], but data set {data.name} holds values in "
+                                 f"[{low:.3g}, {high:.3g}]; use --likelihood gaussian or laplace for real-valued data")
+        if self.model == "conv" and not data.is_image:
+            raise ValueError(f"--model conv needs image data, but data set {data.name} has samples of shape "
+                             f"{tuple(data.image_shape)} (tabular); use --model mlp")
 
 
 class NegativeElbo(nn.Module):
@@ -149,9 +188,37 @@ class NegativeElbo(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, mu, logvar = self.model.forward_logits(x)
-        loss = vae_loss(logits, x, mu, logvar, logits=True, beta=beta)
+        output, mu, logvar = self.model.forward_output(x)
+        loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
         return loss, reference.kl_divergence(mu.detach(), logvar.detach()).sum()
+
+
+def build_model(config: TrainConfig, data: Dataset) -> VAE:
+    """The model `config` names for this data: VAE over its features, or ConvVAE over its images
+    (grey images (H, W) as one channel, (1, H, W))."""
+    scale = {"likelihood": config.likelihood, "learn_scale": config.learn_scale}
+    if config.model == "conv":
+        from .conv_model import ConvVAE
+
+        image_shape = tuple(data.image_shape) if len(data.image_shape) == 3 else (1, *data.image_shape)
+        return ConvVAE(image_shape=image_shape, latent_dim=config.latent_dim, channels=tuple(config.channels), **scale)
+    return VAE(data.input_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims, **scale)
+
+
+def _input_shape(model: VAE) -> tuple[int, ...]:
+    """What one sample looks like to the model: (C, H, W) for ConvVAE, (D,) for VAE."""
+    image_shape = getattr(model, "image_shape", None)
+    return tuple(image_shape) if image_shape is not None else (model.input_dim,)
+
+
+def decoder_scale(model: VAE) -> float | None:
+    """The decoder's scale (sigma for gaussian, b for laplace) as one number: exp(log_scale), its
+    mean over features when there is one per feature, 1 for a fixed unit scale; None for bernoulli."""
+    if model.likelihood == "bernoulli":
+        return None
+    if model.log_scale is None:
+        return 1.0
+    return float(torch.exp(model.log_scale.detach().double()).mean())
 
 
 def kl_weight(beta: float, kl_warmup_epochs: float, step: int, steps_per_epoch: int) -> float:
@@ -177,8 +244,9 @@ def _distributed_setup(device: str) -> tuple[int, int, torch.device]:
 
 
 def _check_resumable(checkpoint: dict, config: TrainConfig, model: VAE, data: Dataset) -> None:
-    wanted = {"dataset": data.name, **model.config()}
-    found = {"dataset": checkpoint["dataset"]["name"], **checkpoint["model_config"]}
+    wanted = {"dataset": data.name, "dequantize": data.dequantized, **model.config()}
+    found = {"dataset": checkpoint["dataset"]["name"], "dequantize": checkpoint["train_config"].get("dequantize", False),
+             **model_config(checkpoint)}
     differences = [f"{k}={found[k]} (this run: {wanted[k]})" for k in wanted if found.get(k) != wanted[k]]
     if differences:
         raise CheckpointError(f"checkpoint {config.resume} is from another configuration: " + ", ".join(differences))
@@ -241,14 +309,16 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     rank, world, device = _distributed_setup(config.device)
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
-    data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed)
+    data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
+                                   dequantize=config.dequantize)
+    config.check_data(data)
     out_dir = Path(config.out)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = VAE(data.input_dim, latent_dim=config.latent_dim, hidden_dims=config.hidden_dims).to(device)
+    model = build_model(config, data).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     torch.manual_seed(config.seed + rank)  # but each rank draws its own posterior noise
     history: list[dict] = []
@@ -292,7 +362,10 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     objective = NegativeElbo(model)
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
+    # Shaped as the model takes them once here, not per batch: [N, C, H, W] for ConvVAE.
+    input_shape = _input_shape(model)
+    train_x = data.train_x.to(device).reshape(-1, *input_shape)
+    test_x = data.test_x.to(device).reshape(-1, *input_shape)
     sampler = DistributedSampler(range(len(train_x)), num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     local_batch = config.batch_size // world
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
@@ -312,7 +385,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
                 "model_config": model.config(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": epochs_done, "step": step, "partial_epoch": partial, "history": history,
                 "rng_states": rng_states, "cuda_rng_states": cuda_rng_states,
-                "dataset": {"name": data.name, "image_shape": list(data.image_shape)},
+                "dataset": {"name": data.name, "image_shape": list(data.image_shape), "continuous": data.continuous,
+                            "feature_names": None if data.feature_names is None else list(data.feature_names)},
                 "train_config": {k: v for k, v in asdict(config).items() if k not in ("progress", "images")},
             })
 
@@ -341,7 +415,10 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
                        disable=rank != 0 or not config.progress, leave=False)
             for step, indices in enumerate(bar, start=first_step):
                 beta = kl_weight(config.beta, config.kl_warmup, epoch * steps_per_epoch + step, steps_per_epoch)
-                loss, kl = objective(train_x[indices], beta)
+                batch = train_x[indices]
+                if data.dequantized:
+                    batch = dequantize_levels(batch, data.levels)
+                loss, kl = objective(batch, beta)
                 # A Ctrl-C travels with the step's numbers, so that every rank sees it at the same
                 # step and they stop together, at no extra synchronisation.
                 counts = torch.tensor([float(len(indices)), float(sigint.requested)], device=device)
@@ -397,13 +474,18 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
                 "test_loss": held_out["loss"], "test_recon": held_out["recon"], "test_kl": held_out["kl"],
                 "seconds": seconds + time.perf_counter() - started,
             }
+            scale = decoder_scale(model)
+            if scale is not None:  # sigma (gaussian) or b (laplace): people want to see it move
+                row["scale"] = scale
             history.append(row)
             save(epoch + 1)
             if rank == 0:
                 _write_metrics(out_dir, history)
                 if config.progress:
+                    shown_scale = "" if scale is None else f", scale {scale:.4g}"
                     print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
-                          f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}) [{row['seconds']:.2f}s]")
+                          f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}{shown_scale}) "
+                          f"[{row['seconds']:.2f}s]")
             last_good = (checkpoint_path, _position(epoch + 1, 0))
             if stop_requests:
                 raise interrupted(epoch + 1)
@@ -415,5 +497,6 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     if rank == 0 and config.images and history:
         from .plots import save_training_images
 
-        save_training_images(model, test_x, data.test_y, data.image_shape, history, out_dir, seed=config.seed)
+        save_training_images(model, test_x, data.test_y, data.image_shape, history, out_dir, seed=config.seed,
+                             feature_names=data.feature_names)
     return history
