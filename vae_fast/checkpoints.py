@@ -12,6 +12,7 @@ from typing import IO
 
 import torch
 
+from .conv_model import ConvVAE
 from .model import VAE
 
 __all__ = ["CheckpointError", "atomic_write", "save_checkpoint", "load_checkpoint", "model_from_checkpoint", "model_config",
@@ -133,7 +134,7 @@ def model_config(checkpoint: dict) -> dict:
     return config
 
 
-def model_from_config(config: dict) -> VAE:
+def model_from_config(config: dict) -> VAE | ConvVAE:
     """A freshly initialised model of the kind and architecture `config` (a `model.config()`) names.
 
     Raises KeyError for a missing entry and ValueError for an unknown "model" or a bad argument.
@@ -141,10 +142,12 @@ def model_from_config(config: dict) -> VAE:
     kind, likelihood = config["model"], {"likelihood": config["likelihood"], "learn_scale": config["learn_scale"]}
     if kind == "mlp":
         return VAE(config["input_dim"], latent_dim=config["latent_dim"], hidden_dims=config["hidden_dims"], **likelihood)
-    raise ValueError(f"unknown model kind {kind!r} (expected 'mlp')")
+    if kind == "conv":
+        return ConvVAE(tuple(config["image_shape"]), config["latent_dim"], tuple(config["channels"]), **likelihood)
+    raise ValueError(f"unknown model kind {kind!r} (expected 'mlp' or 'conv')")
 
 
-def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> VAE:
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> VAE | ConvVAE:
     """The model (VAE, or ConvVAE) the checkpoint describes, with its weights, the learned log_scale
     included. Raises CheckpointError when they disagree or the configuration is unusable."""
     config = model_config(checkpoint)
