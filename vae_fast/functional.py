@@ -120,7 +120,7 @@ def _check_log_scale(likelihood: str, logits, log_scale, recon: torch.Tensor):
         return log_scale
     if isinstance(log_scale, bool) or not isinstance(log_scale, numbers.Real):
         raise TypeError(f"vae_loss: log_scale must be None, a real number or a floating tensor, got {type(log_scale).__name__}")
-    if not math.isfinite(log_scale):
+    if not -math.inf < log_scale < math.inf:  # also NaN; comparisons (not math.isfinite) trace under torch.compile
         raise ValueError(f"vae_loss: log_scale must be finite, got {log_scale}")
     return float(log_scale)
 
