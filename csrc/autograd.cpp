@@ -18,7 +18,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using LossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LossGradMask = std::array<bool, 5>;
 
 // The device kernels, called through the dispatcher below autograd (typed handles found once).
 at::Tensor reparameterize_op(const at::Tensor& mu, const at::Tensor& logvar, std::optional<at::Generator> generator) {
@@ -52,12 +53,15 @@ at::Tensor reparameterize_noise_op(const at::Tensor& logvar, const at::Tensor& s
 }
 
 LossResult vae_loss_op(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                       bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("vae_fast::vae_loss", "")
-                             .typed<LossResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               bool, double, c10::string_view, std::array<bool, 4>)>();
-  return op.call(recon, x, mu, logvar, logits, beta, reduction, grad_mask);
+                       const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
+                       double log_scale_value, double beta, c10::string_view reduction, LossGradMask grad_mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("vae_fast::vae_loss", "")
+          .typed<LossResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, c10::string_view, bool, double, double, c10::string_view,
+                            LossGradMask)>();
+  return op.call(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
 }
 
 const c10::TypedOperatorHandle<void(at::TensorList, const at::Tensor&)>& scale_by_grad_output_handle() {
@@ -133,22 +137,29 @@ class Reparameterize : public torch::autograd::Function<Reparameterize> {
 class VaeLoss : public torch::autograd::Function<VaeLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
-                               const at::Tensor& logvar, bool logits, double beta, c10::string_view reduction,
-                               std::array<bool, 4> grad_mask) {
+                               const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+                               c10::string_view likelihood, bool logits, double log_scale_value, double beta,
+                               c10::string_view reduction, LossGradMask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad_recon, grad_x, grad_mu, grad_logvar] =
-        vae_loss_op(recon, x, mu, logvar, logits, beta, reduction, grad_mask);
-    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar});
+    auto [loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale] =
+        vae_loss_op(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
+    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale});
     ctx->saved_data["per_sample"] = reduction == "none";
-    ctx->saved_data["grad_mask"] = static_cast<int64_t>(grad_mask[0] | grad_mask[1] << 1 | grad_mask[2] << 2 | grad_mask[3] << 3);
-    ctx->mark_non_differentiable({grad_recon, grad_x, grad_mu, grad_logvar});
+    int64_t mask = 0;
+    for (size_t i = 0; i < grad_mask.size(); ++i) mask |= static_cast<int64_t>(grad_mask[i]) << i;
+    ctx->saved_data["grad_mask"] = mask;
+    if (log_scale.has_value()) {
+      ctx->saved_data["log_scale_shape"] = log_scale->sizes().vec();
+      ctx->saved_data["log_scale_dtype"] = log_scale->scalar_type();
+    }
+    ctx->mark_non_differentiable({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale});
     // Nothing flows back into the gradient outputs: don't allocate zero gradients for them.
     ctx->set_materialize_grads(false);
-    return {loss, grad_recon, grad_x, grad_mu, grad_logvar};
+    return {loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list result(8);
+    variable_list result(11);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return result;  // the loss took no part in what is differentiated
     const bool traced = is_traced(grad_loss);
@@ -159,15 +170,28 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     const int64_t mask = ctx->saved_data["grad_mask"].toInt();
     variable_list saved = ctx->get_saved_variables();
     std::vector<at::Tensor> scaled_in_place;
+    // saved[i] is the gradient of input i for the tensor inputs recon, x, mu, logvar, log_scale
+    // (schema positions 0-4).
+    const bool has_log_scale = ctx->saved_data.find("log_scale_shape") != ctx->saved_data.end();
     for (size_t i = 0; i < saved.size(); ++i) {
-      if (!ctx->needs_input_grad(i)) continue;
+      // Without a log_scale tensor the node has no fifth input edge to ask about.
+      if ((i == 4 && !has_log_scale) || !ctx->needs_input_grad(i)) continue;
       TORCH_CHECK((mask >> i) & 1, "vae_fast::vae_loss was called with grad_mask[", i,
                   "]=False for an input that requires grad; call vae_fast.vae_loss, which sets the mask");
       at::Tensor& grad = saved[i];
+      const bool is_log_scale = i == 4;
       if (per_sample) {
         std::vector<int64_t> shape(grad.dim(), 1);
         shape[0] = -1;
-        result[i] = (grad * grad_loss.reshape(shape)).to(grad.scalar_type());
+        at::Tensor weighted = grad * grad_loss.reshape(shape);
+        if (is_log_scale) {
+          // Each element's derivative, weighed by its sample's grad_output, summed to log_scale's shape.
+          weighted = weighted.sum_to_size(ctx->saved_data["log_scale_shape"].toIntVector())
+                         .to(ctx->saved_data["log_scale_dtype"].toScalarType());
+          result[i] = weighted;
+        } else {
+          result[i] = weighted.to(grad.scalar_type());
+        }
       } else if (traced) {
         result[i] = (grad * grad_loss).to(grad.scalar_type());  // the compiler fuses this multiply
       } else {
@@ -214,9 +238,11 @@ at::Tensor reparameterize_autograd(const at::Tensor& mu, const at::Tensor& logva
 }
 
 LossResult vae_loss_autograd(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                             bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  const variable_list out = VaeLoss::apply(recon, x, mu, logvar, logits, beta, reduction, grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4]};
+                             const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
+                             double log_scale_value, double beta, c10::string_view reduction, LossGradMask grad_mask) {
+  const variable_list out =
+      VaeLoss::apply(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
 }  // namespace

@@ -50,10 +50,15 @@ TORCH_LIBRARY(vae_fast, m) {
   m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor noise_state) -> Tensor");
   // eps itself, in logvar's shape and dtype (for a differentiable double backward).
   m.def("reparameterize_noise(Tensor logvar, Tensor noise_state) -> Tensor");
-  // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar); a gradient is an empty tensor unless
-  // its grad_mask entry is set. Gradients are of the reduced loss (before scaling by grad_output).
-  m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, bool logits, float beta, str reduction, "
-        "bool[4] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale); a gradient is an empty
+  // tensor unless its grad_mask entry is set. Gradients are of the reduced loss (before scaling by
+  // grad_output); for reduction "none", grad_log_scale holds each element's own derivative instead,
+  // [batch, *per-sample] in the loss dtype, which the backward weighs by sample and reduces.
+  // likelihood "bernoulli" (recon: probabilities, or logits when `logits`), "gaussian" or "laplace"
+  // (recon: mean / location; log_scale: the scale's log, a tensor, or log_scale_value when None).
+  m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, str likelihood, bool logits, "
+        "float log_scale_value, float beta, str reduction, bool[5] grad_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output (one element) for every grad of the list, in place, in one call (one launch
   // on CUDA), skipped when grad_output is 1: the backward of vae_loss with reduction "sum"/"mean",
   // without a host sync on CUDA. Its ADInplaceOrView kernel (csrc/autograd.cpp) bumps each grad's

@@ -4,7 +4,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include "likelihood.h"
+
+#include <algorithm>
 #include <array>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -18,6 +22,14 @@ inline Reduction parse_reduction(c10::string_view reduction) {
   if (reduction == "none") return Reduction::none;
   TORCH_CHECK_VALUE(false, "vae_loss: reduction must be 'sum', 'mean' or 'none', got '",
                     std::string(reduction), "'");
+}
+
+inline math::Likelihood parse_likelihood(c10::string_view likelihood) {
+  if (likelihood == "bernoulli") return math::Likelihood::bernoulli;
+  if (likelihood == "gaussian") return math::Likelihood::gaussian;
+  if (likelihood == "laplace") return math::Likelihood::laplace;
+  TORCH_CHECK_VALUE(false, "vae_loss: likelihood must be 'bernoulli', 'gaussian' or 'laplace', got '",
+                    std::string(likelihood), "'");
 }
 
 struct LossShape {
@@ -55,6 +67,27 @@ inline LossShape check_vae_loss_inputs(const at::Tensor& recon, const at::Tensor
   return {batch, features, latents};
 }
 
+// How a log_scale tensor maps onto recon (mirrors vae_fast.functional.log_scale_kind): one value
+// (any all-ones shape of at most recon's rank), recon's per-sample shape (leading 1s allowed), or
+// recon's shape.
+inline math::ScaleLayout check_log_scale(const at::Tensor& log_scale, const at::Tensor& recon) {
+  TORCH_CHECK_TYPE(log_scale.scalar_type() == recon.scalar_type(), "vae_loss: log_scale has dtype ",
+                   log_scale.scalar_type(), " but recon has ", recon.scalar_type(), "; all inputs of the op must share one dtype");
+  TORCH_CHECK_VALUE(log_scale.device() == recon.device(), "vae_loss: log_scale is on ", log_scale.device(),
+                    " but recon is on ", recon.device());
+  const auto shape = log_scale.sizes();
+  const bool all_ones = std::all_of(shape.begin(), shape.end(), [](int64_t size) { return size == 1; });
+  if (all_ones && log_scale.dim() <= recon.dim()) return math::ScaleLayout::uniform;
+  auto stripped = shape;
+  const auto per_sample = recon.sizes().slice(1);
+  while (stripped.size() > per_sample.size() && stripped.front() == 1) stripped = stripped.slice(1);
+  if (stripped == per_sample) return math::ScaleLayout::per_feature;
+  if (shape == recon.sizes()) return math::ScaleLayout::per_element;
+  TORCH_CHECK_VALUE(false, "vae_loss: log_scale has shape ", shape, ", which is none of: one shared value (shape []), "
+                    "one per feature (recon's per-sample shape ", per_sample, "), or one per element (recon's shape ",
+                    recon.sizes(), ")");
+}
+
 // Losses of half-precision inputs come back in float32: a summed loss overflows float16 easily.
 inline at::ScalarType loss_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
@@ -70,10 +103,17 @@ inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
 // gradient outputs allocated (or empty placeholders).
 struct LossCall {
   Reduction reduction;
+  math::Likelihood likelihood;
+  math::ScaleLayout scale_layout;
   LossShape shape;
   double grad_scale;  // 1, or 1/batch for "mean": the kernels write gradients of the reduced loss
   at::Tensor recon, x, mu, logvar;
+  at::Tensor log_scale;  // undefined: the fixed value
   at::Tensor grad_recon, grad_x, grad_mu, grad_logvar;
+  // In log_scale's shape; for reduction "none", each element's derivative instead (see
+  // LossProblem::grad_log_scale in csrc/cpu/kernels.h), [batch, *per-sample shape] in the loss dtype.
+  at::Tensor grad_log_scale;
+  bool grad_log_scale_per_element = false;
 
   template <typename T = void>
   T* grad_ptr(const at::Tensor& grad, bool wanted) const {
@@ -82,11 +122,19 @@ struct LossCall {
 };
 
 inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
-                                  const at::Tensor& logvar, double beta, c10::string_view reduction,
-                                  const std::array<bool, 4>& grad_mask) {
+                                  const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+                                  c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
+                                  const std::array<bool, 5>& grad_mask) {
   LossCall call;
   call.reduction = parse_reduction(reduction);
+  call.likelihood = parse_likelihood(likelihood);
   call.shape = check_vae_loss_inputs(recon, x, mu, logvar, beta);
+  const bool bernoulli = call.likelihood == math::Likelihood::bernoulli;
+  TORCH_CHECK_VALUE(!(logits && !bernoulli), "vae_loss: logits=True applies to the Bernoulli likelihood only, got likelihood '",
+                    std::string(likelihood), "'");
+  TORCH_CHECK_VALUE(!(bernoulli && log_scale.has_value()), "vae_loss: the Bernoulli likelihood has no scale; log_scale must be None");
+  TORCH_CHECK_VALUE(!(grad_mask[4] && !log_scale.has_value()), "vae_loss: grad_mask[4] asks for the gradient of a log_scale that was not given");
+  call.scale_layout = log_scale.has_value() ? check_log_scale(*log_scale, recon) : math::ScaleLayout::uniform;
   call.grad_scale = (call.reduction == Reduction::mean && call.shape.batch > 0)
                         ? 1.0 / static_cast<double>(call.shape.batch)
                         : 1.0;
@@ -94,10 +142,17 @@ inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, 
   call.x = x.contiguous();
   call.mu = mu.contiguous();
   call.logvar = logvar.contiguous();
+  if (log_scale.has_value()) call.log_scale = log_scale->contiguous();
   call.grad_recon = maybe_grad_like(recon, grad_mask[0]);
   call.grad_x = maybe_grad_like(x, grad_mask[1]);
   call.grad_mu = maybe_grad_like(mu, grad_mask[2]);
   call.grad_logvar = maybe_grad_like(logvar, grad_mask[3]);
+  call.grad_log_scale_per_element = grad_mask[4] && call.reduction == Reduction::none;
+  if (call.grad_log_scale_per_element) {
+    call.grad_log_scale = at::empty(recon.sizes(), recon.options().dtype(loss_dtype(recon.scalar_type())));
+  } else {
+    call.grad_log_scale = log_scale.has_value() ? maybe_grad_like(*log_scale, grad_mask[4]) : at::empty({0}, recon.options());
+  }
   return call;
 }
 

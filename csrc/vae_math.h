@@ -6,6 +6,7 @@
 // (select_nonneg instead of ?:) so that the same text works for both.
 #pragma once
 
+#include "likelihood.h"
 #include "noise_use.h"
 
 #include <cmath>
@@ -59,6 +60,9 @@ template <typename S>
 VAE_HD S clamp_below(S v, S lo) { return v < lo ? lo : v; }
 template <typename S>
 VAE_HD S select_nonneg(S cond, S if_nonneg, S if_neg) { return cond >= S(0) ? if_nonneg : if_neg; }
+// -1, 0 or +1 (0 for 0 and NaN), as torch.sign.
+template <typename S>
+VAE_HD S sign_(S v) { return static_cast<S>((v > S(0)) - (v < S(0))); }
 
 // ---- Bernoulli reconstruction term, one element ----
 template <typename T>
@@ -97,6 +101,90 @@ VAE_HD BceTerm<T> bce_from_logits(T r, T x) {
   t.d_recon = (one - x) * select_nonneg(r, big, small) - x * select_nonneg(r, small, big);
   t.d_target = -r;
   return t;
+}
+
+// ---- Gaussian and Laplace reconstruction terms, one element ----
+// Both are location-scale families: recon m is the mean (location), s = log_scale the log of the
+// standard deviation sigma (Gaussian) or of the scale b (Laplace). The element's NLL is
+//   gaussian: 0.5 ((x - m) / sigma)^2 + s + 0.5 log(2 pi)
+//   laplace:  |x - m| / b + s + log 2
+// The functions below take r = exp(-s) (hoisted per feature, or per call for one shared scale, by
+// the callers) and return only the part that depends on x: the `s + constant` part is the same for
+// every sample and is added by the caller (once per row where s is shared).
+template <typename T>
+struct LocationScaleTerm {
+  T loss;         // the NLL without s + constant
+  T d_recon;      // d NLL / d m
+  T d_target;     // d NLL / d x
+  T d_log_scale;  // d NLL / d s (including the +1 of the s term)
+};
+
+// NLL constants: 0.5 log(2 pi) and log 2.
+constexpr double kHalfLog2Pi = 0.91893853320467274178;
+constexpr double kLog2 = 0.69314718055994530942;
+
+// A NaN or infinite residual must not leave a finite loss or gradient (with x = inf the Laplace
+// gradient would be the finite -1/b): u - u is 0 for finite u and NaN otherwise, and is added to
+// every output.
+template <typename T>
+VAE_HD LocationScaleTerm<T> poisoned(LocationScaleTerm<T> t, T u) {
+  const T poison = u - u;
+  t.loss = t.loss + poison;
+  t.d_recon = t.d_recon + poison;
+  t.d_target = t.d_target + poison;
+  t.d_log_scale = t.d_log_scale + poison;
+  return t;
+}
+
+// z = (x - m) / sigma; loss 0.5 z^2, d/dm = -z / sigma, d/ds = 1 - z^2. (z times r again rather
+// than (x - m) r^2: r^2 would overflow float32 for s < -44, r itself only for s < -88.)
+template <typename T>
+VAE_HD LocationScaleTerm<T> gaussian_term(T m, T x, T r) {
+  const T u = x - m;
+  const T z = u * r;
+  const T z2 = z * z;
+  LocationScaleTerm<T> t;
+  t.loss = T(0.5) * z2;
+  t.d_target = z * r;
+  t.d_recon = T(0) - t.d_target;
+  t.d_log_scale = T(1) - z2;
+  return poisoned(t, u);
+}
+
+// a = |x - m| / b; loss a, d/dm = -sign(x - m) / b (0 at x == m, torch.abs's subgradient), d/ds = 1 - a.
+template <typename T>
+VAE_HD LocationScaleTerm<T> laplace_term(T m, T x, T r) {
+  const T u = x - m;
+  const T a = abs_(u) * r;
+  LocationScaleTerm<T> t;
+  t.loss = a;
+  t.d_target = sign_(u) * r;
+  t.d_recon = T(0) - t.d_target;
+  t.d_log_scale = T(1) - a;
+  return poisoned(t, u);
+}
+
+template <Likelihood kLik, typename T>
+VAE_HD LocationScaleTerm<T> location_scale_term(T m, T x, T r) {
+  static_assert(kLik != Likelihood::bernoulli, "Bernoulli has no scale: bce_from_probs / bce_from_logits");
+  if constexpr (kLik == Likelihood::gaussian) {
+    return gaussian_term(m, x, r);
+  } else {
+    return laplace_term(m, x, r);
+  }
+}
+
+// The NLL's constant per element.
+template <Likelihood kLik>
+VAE_HD double location_scale_constant() {
+  return kLik == Likelihood::gaussian ? kHalfLog2Pi : kLog2;
+}
+
+// r = exp(-s), NaN for a NaN or infinite s (whose exp is 0 or inf and would otherwise give a
+// finite or 0 * inf loss): a non-finite scale must make the loss and gradients NaN.
+template <typename T>
+VAE_HD T inverse_scale(T s) {
+  return exp_(T(0) - s) + (s - s);
 }
 
 // ---- KL(N(mu, exp(logvar)) || N(0, 1)), one latent ----

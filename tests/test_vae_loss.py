@@ -100,7 +100,7 @@ def test_opcheck():
     for logits, reduction, mask in itertools.product([False, True], REDUCTIONS, [(True, False, True, True), (False,) * 4, (True,) * 4]):
         inputs = sample_inputs(5, 12, 3, logits=logits)
         inputs = [t.requires_grad_(m) for t, m in zip(inputs, mask)]
-        torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, logits, 0.5, reduction, list(mask)))
+        torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, None, "bernoulli", logits, 0.0, 0.5, reduction, [*mask, False]))
 
 
 def test_x_may_have_another_shape_than_recon():
@@ -347,11 +347,11 @@ def test_bad_options():
 def test_op_checks_its_arguments_too():
     recon, x, mu, logvar = _good()
     with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'none'"):
-        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, False, 1.0, "avg", [False] * 4)
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", False, 0.0, 1.0, "avg", [False] * 5)
     with pytest.raises(TypeError, match="x has dtype"):
-        torch.ops.vae_fast.vae_loss(recon, x.double(), mu, logvar, False, 1.0, "sum", [False] * 4)
+        torch.ops.vae_fast.vae_loss(recon, x.double(), mu, logvar, None, "bernoulli", False, 0.0, 1.0, "sum", [False] * 5)
     with pytest.raises(ValueError, match="beta must be a non-negative number"):
-        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, False, -2.0, "sum", [False] * 4)
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 5)
 
 
 def test_mixed_dtypes_are_promoted():

@@ -120,7 +120,7 @@ def _check_log_scale(likelihood: str, logits, log_scale, recon: torch.Tensor):
         return log_scale
     if isinstance(log_scale, bool) or not isinstance(log_scale, numbers.Real):
         raise TypeError(f"vae_loss: log_scale must be None, a real number or a floating tensor, got {type(log_scale).__name__}")
-    if not math.isfinite(log_scale):
+    if not -math.inf < log_scale < math.inf:  # also NaN; comparisons (not math.isfinite) trace under torch.compile
         raise ValueError(f"vae_loss: log_scale must be finite, got {log_scale}")
     return float(log_scale)
 
@@ -218,14 +218,19 @@ def vae_loss(
         recon, x, mu, logvar, log_scale = _common_dtype(recon, x, mu, logvar, log_scale)
     else:
         recon, x, mu, logvar = _common_dtype(recon, x, mu, logvar)
-    if likelihood != "bernoulli" or not _extension.serves(recon.device):
+    if not _extension.serves(recon.device):
         return reference.vae_loss(recon, x, mu, logvar, likelihood=likelihood, logits=logits, log_scale=log_scale,
                                   beta=beta, reduction=reduction)
+    scale_tensor = log_scale if isinstance(log_scale, torch.Tensor) else None
     if torch.is_grad_enabled():
         grad_mask = [t.requires_grad for t in (recon, x, mu, logvar)]
+        grad_mask.append(scale_tensor is not None and scale_tensor.requires_grad)
     else:
-        grad_mask = [False] * 4
-    return torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, bool(logits), beta, reduction, grad_mask)[0]
+        grad_mask = [False] * 5
+    fixed_log_scale = log_scale if isinstance(log_scale, float) else 0.0
+    return torch.ops.vae_fast.vae_loss(
+        recon, x, mu, logvar, scale_tensor, likelihood, bool(logits), fixed_log_scale, beta, reduction, grad_mask
+    )[0]
 
 
 def loss_function(recon_x: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,19 @@ if _extension.extension_loaded():
     # ---- vae_loss ----
 
     @torch.library.register_fake("vae_fast::vae_loss")
-    def _vae_loss_fake(recon, x, mu, logvar, logits, beta, reduction, grad_mask):
+    def _vae_loss_fake(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask):
         torch._check(recon.dim() >= 1, lambda: "vae_loss: recon must have a batch dimension")
         loss_dtype = torch.float64 if recon.dtype == torch.float64 else torch.float32
         loss_shape = (recon.shape[0],) if reduction == "none" else ()
         loss = recon.new_empty(loss_shape, dtype=loss_dtype)
         grads = [t.new_empty(t.shape) if wanted else t.new_empty((0,)) for t, wanted in zip((recon, x, mu, logvar), grad_mask)]
-        return (loss, *grads)
+        if not grad_mask[4]:
+            grad_log_scale = recon.new_empty((0,))
+        elif reduction == "none":  # each element's own derivative (see the schema in csrc/ops.cpp)
+            grad_log_scale = recon.new_empty(recon.shape, dtype=loss_dtype)
+        else:
+            grad_log_scale = log_scale.new_empty(log_scale.shape)
+        return (loss, *grads, grad_log_scale)
 
     @torch.library.register_fake("vae_fast::scale_by_grad_output_")
     def _scale_by_grad_output_fake(grads, grad_output):

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../likelihood.h"
 #include "../noise_use.h"
 
 #include <cstdint>
@@ -25,7 +26,18 @@ struct LossProblem {
   int64_t batch;
   int64_t features;
   int64_t latents;
-  bool logits;
+  math::Likelihood likelihood;
+  bool logits;                 // bernoulli: recon holds logits
+  // gaussian/laplace: log_scale is log_scale_value for every element when the pointer is null, else
+  // a tensor of recon's dtype laid out as scale_layout says (1, features or batch * features values).
+  math::ScaleLayout scale_layout;
+  const void* log_scale;
+  double log_scale_value;
+  // d loss / d log_scale, null when not wanted: in log_scale's layout (times grad_scale), or, when
+  // grad_log_scale_per_element (reduction "none"), each element's own derivative, [batch, features]
+  // in the accumulation type (float for half inputs), for the backward to weigh by sample.
+  void* grad_log_scale;
+  bool grad_log_scale_per_element;
   double beta;
   double grad_scale;      // 1, or 1/batch for reduction="mean"
   double* row_loss;       // [batch] out: reconstruction + beta * KL of each sample

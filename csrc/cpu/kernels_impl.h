@@ -186,35 +186,232 @@ double kl_row(const scalar_t* mu, const scalar_t* lv, int64_t n, scalar_t* grad_
   return static_cast<double>(sum_lanes(sum) + tail_sum);
 }
 
+// Running sums of one block of a location-scale reconstruction term.
+template <typename acc_t>
+struct LocationScaleAccumulator {
+  Vec<acc_t> loss{acc_t(0)};
+  Vec<acc_t> grad_s{acc_t(0)};
+  acc_t tail_loss{0};
+  acc_t tail_grad_s{0};
+};
+
+// Where a block's d loss / d log_scale goes: summed into the block's total (one shared scale),
+// added into running per-feature sums, or written per element. At most one is set.
+template <typename acc_t>
+struct ScaleGradTarget {
+  bool total = false;
+  acc_t* add = nullptr;
+  acc_t* write = nullptr;
+};
+
+// n elements of a Gaussian/Laplace term (csrc/vae_math.h). `scale_in` is, per layout: unused
+// (uniform: r_uniform = exp(-s) for all), the features' hoisted r = exp(-s) (per_feature), or the
+// elements' s (per_element, whose s is also added to the loss here: it differs per element).
+template <Likelihood kLik, ScaleLayout kLayout, typename acc_t>
+void location_scale_span(const acc_t* m, const acc_t* x, const acc_t* scale_in, acc_t r_uniform, int64_t n,
+                         acc_t* grad_m, acc_t* grad_x, const ScaleGradTarget<acc_t>& gs, acc_t scale,
+                         LocationScaleAccumulator<acc_t>& acc) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const V vscale(scale);
+  V loss = acc.loss, grad_s = acc.grad_s;  // registers, as in bce_span
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    V r(r_uniform);
+    if constexpr (kLayout == ScaleLayout::per_feature) r = V::loadu(scale_in + i);
+    if constexpr (kLayout == ScaleLayout::per_element) r = inverse_scale(V::loadu(scale_in + i));
+    const LocationScaleTerm<V> t = location_scale_term<kLik>(V::loadu(m + i), V::loadu(x + i), r);
+    loss = loss + t.loss;
+    if constexpr (kLayout == ScaleLayout::per_element) loss = loss + V::loadu(scale_in + i);
+    if (grad_m) (t.d_recon * vscale).store(grad_m + i);
+    if (grad_x) (t.d_target * vscale).store(grad_x + i);
+    if (gs.total) grad_s = grad_s + t.d_log_scale;
+    if (gs.add) (V::loadu(gs.add + i) + t.d_log_scale * vscale).store(gs.add + i);
+    if (gs.write) (t.d_log_scale * vscale).store(gs.write + i);
+  }
+  acc.loss = loss;
+  acc.grad_s = grad_s;
+  for (; i < n; ++i) {
+    acc_t r = r_uniform;
+    if constexpr (kLayout == ScaleLayout::per_feature) r = scale_in[i];
+    if constexpr (kLayout == ScaleLayout::per_element) r = inverse_scale(scale_in[i]);
+    const LocationScaleTerm<acc_t> t = location_scale_term<kLik>(m[i], x[i], r);
+    acc.tail_loss += t.loss;
+    if constexpr (kLayout == ScaleLayout::per_element) acc.tail_loss += scale_in[i];
+    if (grad_m) grad_m[i] = t.d_recon * scale;
+    if (grad_x) grad_x[i] = t.d_target * scale;
+    if (gs.total) acc.tail_grad_s += t.d_log_scale;
+    if (gs.add) gs.add[i] += t.d_log_scale * scale;
+    if (gs.write) gs.write[i] = t.d_log_scale * scale;
+  }
+}
+
+// One block of a row: n elements from `offset` (its feature index within the row is `feature`).
+struct BlockRef {
+  int64_t offset;
+  int64_t feature;
+  int64_t n;
+};
+
+// The per-call state of a location-scale term: the scale hoisted out of the element loop.
+template <typename acc_t>
+struct HoistedScale {
+  acc_t r_uniform = acc_t(1);
+  std::vector<acc_t> feature_r;  // per_feature: exp(-s_j)
+  double row_constant = 0.0;     // sum over a row's features of (s_j + constant), or D * constant
+};
+
+// A block of a location-scale term; returns its loss, and its d loss / d s total in *grad_s_total
+// when a shared scale's gradient is wanted. grad_s_element: the element-wise gradient destination
+// (scalar_t in log_scale's dtype, or acc_t when per_element_acc); grad_s_feature_sums: this block's
+// features in the task's running sums.
+template <Likelihood kLik, ScaleLayout kLayout, typename scalar_t>
+double location_scale_block(const LossProblem& p, const HoistedScale<at::opmath_type<scalar_t>>& hoisted,
+                            const BlockRef& b, at::opmath_type<scalar_t>* grad_s_feature_sums,
+                            double* grad_s_total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* m = static_cast<const scalar_t*>(p.recon) + b.offset;
+  const auto* x = static_cast<const scalar_t*>(p.target) + b.offset;
+  const auto* s = static_cast<const scalar_t*>(p.log_scale);
+  auto* grad_m = p.grad_recon ? static_cast<scalar_t*>(p.grad_recon) + b.offset : nullptr;
+  auto* grad_x = p.grad_target ? static_cast<scalar_t*>(p.grad_target) + b.offset : nullptr;
+  const bool write_elements = p.grad_log_scale && (p.grad_log_scale_per_element || kLayout == ScaleLayout::per_element);
+  scalar_t* gs_scalar = write_elements && !p.grad_log_scale_per_element ? static_cast<scalar_t*>(p.grad_log_scale) + b.offset : nullptr;
+  acc_t* gs_acc = write_elements && p.grad_log_scale_per_element ? static_cast<acc_t*>(p.grad_log_scale) + b.offset : nullptr;
+
+  acc_t m_buf[kStage], x_buf[kStage], s_buf[kStage], gm_buf[kStage], gx_buf[kStage], gs_buf[kStage];
+  LocationScaleAccumulator<acc_t> acc;
+  for (int64_t start = 0; start < b.n; start += kStage) {
+    const int64_t k = std::min(kStage, b.n - start);
+    const acc_t* scale_in = nullptr;
+    if constexpr (kLayout == ScaleLayout::per_feature) scale_in = hoisted.feature_r.data() + b.feature + start;
+    if constexpr (kLayout == ScaleLayout::per_element) scale_in = as_acc(s + b.offset + start, s_buf, k);
+    ScaleGradTarget<acc_t> gs;
+    gs.total = grad_s_total != nullptr;
+    gs.add = grad_s_feature_sums ? grad_s_feature_sums + start : nullptr;
+    gs.write = gs_acc ? gs_acc + start : gs_scalar ? acc_destination(gs_scalar + start, gs_buf) : nullptr;
+    acc_t* gm = grad_m ? acc_destination(grad_m + start, gm_buf) : nullptr;
+    acc_t* gx = grad_x ? acc_destination(grad_x + start, gx_buf) : nullptr;
+    location_scale_span<kLik, kLayout>(as_acc(m + start, m_buf, k), as_acc(x + start, x_buf, k), scale_in,
+                                       hoisted.r_uniform, k, gm, gx, gs, static_cast<acc_t>(p.grad_scale), acc);
+    if (grad_m) flush_acc(gm_buf, grad_m + start, k);
+    if (grad_x) flush_acc(gx_buf, grad_x + start, k);
+    if (gs_scalar) flush_acc(gs_buf, gs_scalar + start, k);
+  }
+  if (grad_s_total) *grad_s_total = static_cast<double>(sum_lanes(acc.grad_s) + acc.tail_grad_s) * p.grad_scale;
+  return static_cast<double>(sum_lanes(acc.loss) + acc.tail_loss);
+}
+
+template <Likelihood kLik, typename scalar_t>
+HoistedScale<at::opmath_type<scalar_t>> hoist_scale(const LossProblem& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* s = static_cast<const scalar_t*>(p.log_scale);
+  const double constant = location_scale_constant<kLik>();
+  const double features = static_cast<double>(p.features);
+  HoistedScale<acc_t> h;
+  switch (p.scale_layout) {
+    case ScaleLayout::uniform: {
+      const double value = s ? static_cast<double>(static_cast<acc_t>(s[0])) : p.log_scale_value;
+      h.r_uniform = inverse_scale(static_cast<acc_t>(value));
+      h.row_constant = features * (value + constant);
+      break;
+    }
+    case ScaleLayout::per_feature: {
+      h.feature_r.resize(p.features);
+      double sum = 0.0;
+      for (int64_t j = 0; j < p.features; ++j) {
+        const acc_t value = static_cast<acc_t>(s[j]);
+        h.feature_r[j] = inverse_scale(value);
+        sum += static_cast<double>(value);
+      }
+      h.row_constant = sum + features * constant;
+      break;
+    }
+    case ScaleLayout::per_element:
+      h.row_constant = features * constant;
+      break;
+  }
+  return h;
+}
+
+// The reconstruction term of every (row, feature block), then each row's KL and total. Blocks have
+// a fixed length and sums a fixed order, so loss and gradients are the same bits on any thread
+// count. A per-feature scale's gradient sums over rows: rows go in fixed groups, each group's sums
+// are kept apart and the groups are added in order at the end.
 template <typename scalar_t>
 LossDomainErrors vae_loss_typed(const LossProblem& p) {
-  const auto* r = static_cast<const scalar_t*>(p.recon);
-  const auto* x = static_cast<const scalar_t*>(p.target);
+  using acc_t = at::opmath_type<scalar_t>;
   const auto* mu = static_cast<const scalar_t*>(p.mu);
   const auto* lv = static_cast<const scalar_t*>(p.logvar);
-  auto* grad_r = static_cast<scalar_t*>(p.grad_recon);
-  auto* grad_x = static_cast<scalar_t*>(p.grad_target);
   auto* grad_mu = static_cast<scalar_t*>(p.grad_mu);
   auto* grad_lv = static_cast<scalar_t*>(p.grad_logvar);
   const int64_t D = p.features, L = p.latents;
+  const bool bernoulli = p.likelihood == Likelihood::bernoulli;
+  const bool scale_total = !bernoulli && p.grad_log_scale && !p.grad_log_scale_per_element &&
+                           p.scale_layout == ScaleLayout::uniform;
+  const bool scale_feature_sums = !bernoulli && p.grad_log_scale && !p.grad_log_scale_per_element &&
+                                  p.scale_layout == ScaleLayout::per_feature;
 
   const int64_t blocks_per_row = (D + kBlock - 1) / kBlock;
-  const int64_t n_blocks = p.batch * blocks_per_row;
-  std::vector<double> block_loss(n_blocks);
+  const int64_t block_len = std::max<int64_t>(1, std::min(D, kBlock));
+  // Rows per group: 1, or for per-feature sums enough rows to fill a task, at most 256 so that the
+  // float sums within a group stay short.
+  const int64_t rows_per_group =
+      scale_feature_sums ? std::clamp<int64_t>(kMinElementsPerTask / block_len, 1, 256) : 1;
+  const int64_t groups = (p.batch + rows_per_group - 1) / rows_per_group;
+  std::vector<double> block_loss(p.batch * blocks_per_row);
+  std::vector<double> block_grad_s(scale_total ? p.batch * blocks_per_row : 0);
+  std::vector<acc_t> group_grad_s(scale_feature_sums ? groups * D : 0, acc_t(0));
   std::atomic<bool> recon_bad{false}, target_bad{false};
-  const int64_t block_grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, std::min(D, kBlock)));
-  at::parallel_for(0, n_blocks, block_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t offset = (b / blocks_per_row) * D + (b % blocks_per_row) * kBlock;
-      const int64_t n = std::min(kBlock, (b / blocks_per_row + 1) * D - offset);
+
+  HoistedScale<acc_t> hoisted;
+  if (p.likelihood == Likelihood::gaussian) hoisted = hoist_scale<Likelihood::gaussian, scalar_t>(p);
+  if (p.likelihood == Likelihood::laplace) hoisted = hoist_scale<Likelihood::laplace, scalar_t>(p);
+
+  // The reconstruction term of one block, for the likelihood and layout of this call.
+  auto block = [&](const BlockRef& b, acc_t* feature_sums, double* grad_s_total) -> double {
+    auto* grad_r = p.grad_recon ? static_cast<scalar_t*>(p.grad_recon) + b.offset : nullptr;
+    auto* grad_x = p.grad_target ? static_cast<scalar_t*>(p.grad_target) + b.offset : nullptr;
+    const auto* r = static_cast<const scalar_t*>(p.recon) + b.offset;
+    const auto* x = static_cast<const scalar_t*>(p.target) + b.offset;
+    if (bernoulli) {
       LossDomainErrors e;
-      block_loss[b] = p.logits
-          ? bce_block<true>(r + offset, x + offset, n, grad_r ? grad_r + offset : nullptr,
-                            grad_x ? grad_x + offset : nullptr, p.grad_scale, e)
-          : bce_block<false>(r + offset, x + offset, n, grad_r ? grad_r + offset : nullptr,
-                             grad_x ? grad_x + offset : nullptr, p.grad_scale, e);
+      const double loss = p.logits ? bce_block<true>(r, x, b.n, grad_r, grad_x, p.grad_scale, e)
+                                   : bce_block<false>(r, x, b.n, grad_r, grad_x, p.grad_scale, e);
       if (e.recon_outside_unit) recon_bad.store(true, std::memory_order_relaxed);
       if (e.target_outside_unit) target_bad.store(true, std::memory_order_relaxed);
+      return loss;
+    }
+#define VAE_FAST_LS_BLOCK(LIK)                                                                                   \
+  switch (p.scale_layout) {                                                                                     \
+    case ScaleLayout::uniform:                                                                                  \
+      return location_scale_block<LIK, ScaleLayout::uniform, scalar_t>(p, hoisted, b, feature_sums, grad_s_total); \
+    case ScaleLayout::per_feature:                                                                              \
+      return location_scale_block<LIK, ScaleLayout::per_feature, scalar_t>(p, hoisted, b, feature_sums, grad_s_total); \
+    case ScaleLayout::per_element:                                                                              \
+      return location_scale_block<LIK, ScaleLayout::per_element, scalar_t>(p, hoisted, b, feature_sums, grad_s_total); \
+  }
+    if (p.likelihood == Likelihood::gaussian) {
+      VAE_FAST_LS_BLOCK(Likelihood::gaussian)
+    } else {
+      VAE_FAST_LS_BLOCK(Likelihood::laplace)
+    }
+#undef VAE_FAST_LS_BLOCK
+    return 0.0;
+  };
+
+  const int64_t tasks = groups * blocks_per_row;
+  const int64_t task_grain = std::max<int64_t>(1, kMinElementsPerTask / (block_len * rows_per_group));
+  at::parallel_for(0, tasks, task_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / blocks_per_row, c = task % blocks_per_row;
+      const int64_t feature = c * kBlock;
+      acc_t* feature_sums = scale_feature_sums ? group_grad_s.data() + group * D + feature : nullptr;
+      for (int64_t row = group * rows_per_group; row < std::min(p.batch, (group + 1) * rows_per_group); ++row) {
+        const int64_t index = row * blocks_per_row + c;
+        const BlockRef b{row * D + feature, feature, std::min(kBlock, D - feature)};
+        block_loss[index] = block(b, feature_sums, scale_total ? &block_grad_s[index] : nullptr);
+      }
     }
   });
 
@@ -224,11 +421,28 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
       const int64_t o = row * L;
       const double kl = kl_row(mu + o, lv + o, L, grad_mu ? grad_mu + o : nullptr,
                                grad_lv ? grad_lv + o : nullptr, p.beta * p.grad_scale, p.beta == 0.0);
-      double reconstruction = 0.0;
+      double reconstruction = hoisted.row_constant;
       for (int64_t c = 0; c < blocks_per_row; ++c) reconstruction += block_loss[row * blocks_per_row + c];
       p.row_loss[row] = reconstruction + p.beta * kl;
     }
   });
+
+  auto* grad_s = static_cast<scalar_t*>(p.grad_log_scale);
+  if (scale_total) {
+    // Each element's s term contributes d/ds = 1 to its own gradient: inside d_log_scale already.
+    double total = 0.0;
+    for (double v : block_grad_s) total += v;
+    grad_s[0] = static_cast<scalar_t>(total);
+  }
+  if (scale_feature_sums) {
+    at::parallel_for(0, D, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        double total = 0.0;
+        for (int64_t g = 0; g < groups; ++g) total += static_cast<double>(group_grad_s[g * D + j]);
+        grad_s[j] = static_cast<scalar_t>(total);
+      }
+    });
+  }
 
   LossDomainErrors errors;
   errors.recon_outside_unit = p.check_recon_range && recon_bad.load();

@@ -10,10 +10,12 @@
 namespace vae_fast {
 namespace cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-    bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  const LossCall call = prepare_loss_call(recon, x, mu, logvar, beta, reduction, grad_mask);
+    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
+    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
+  const LossCall call =
+      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
   const Reduction red = call.reduction;
   const LossShape& shape = call.shape;
 
@@ -31,13 +33,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
   p.batch = shape.batch;
   p.features = shape.features;
   p.latents = shape.latents;
+  p.likelihood = call.likelihood;
   p.logits = logits;
+  p.scale_layout = call.scale_layout;
+  p.log_scale = call.log_scale.defined() ? call.log_scale.const_data_ptr() : nullptr;
+  p.log_scale_value = log_scale_value;
+  p.grad_log_scale = call.grad_ptr(call.grad_log_scale, grad_mask[4]);
+  p.grad_log_scale_per_element = call.grad_log_scale_per_element;
   p.beta = beta;
   p.grad_scale = call.grad_scale;
   p.row_loss = row_loss.data();
-  p.check_recon_range = !logits;
+  p.check_recon_range = call.likelihood == math::Likelihood::bernoulli && !logits;
 
   const LossDomainErrors errors = cpu_isa() == Isa::avx2 ? avx2::vae_loss(p) : generic::vae_loss(p);
+  // Only the Bernoulli blocks flag these (the other likelihoods take any real x and recon).
   TORCH_CHECK_VALUE(!errors.recon_outside_unit,
                     "vae_loss: recon must hold probabilities in [0, 1] when logits=False, but some value is "
                     "outside; pass logits=True if recon holds logits");
@@ -57,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     if (red == Reduction::mean) total /= static_cast<double>(shape.batch);  // empty batch: NaN, as torch.mean
     loss = at::scalar_tensor(total, recon.options().dtype(out_dtype));
   }
-  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
 }
 
 TORCH_LIBRARY_IMPL(vae_fast, CPU, m) {

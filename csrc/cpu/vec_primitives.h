@@ -28,6 +28,11 @@ inline Vec<S> clamp_below(const Vec<S>& v, const Vec<S>& lo) {
   return Vec<S>::blendv(v, lo, v < lo);  // a NaN compares false and stays
 }
 template <typename S>
+inline Vec<S> sign_(const Vec<S>& v) {
+  const Vec<S> zero(S(0)), one(S(1));
+  return Vec<S>::blendv(zero, one, v > zero) - Vec<S>::blendv(zero, one, v < zero);  // NaN: 0, as the scalar
+}
+template <typename S>
 inline Vec<S> select_nonneg(const Vec<S>& cond, const Vec<S>& if_nonneg, const Vec<S>& if_neg) {
   return Vec<S>::blendv(if_neg, if_nonneg, cond >= Vec<S>(S(0)));
 }

@@ -3,6 +3,12 @@
 // row's first chunk adds beta * KL of that row. A second kernel combines the partials in a fixed
 // order: no float atomics, so loss and gradients are bitwise reproducible.
 //
+// Gaussian and Laplace terms (csrc/vae_math.h) take the same walk; their log_scale is read per
+// element from a cached per-feature or full-shape tensor (its exp costs nothing next to the
+// memory traffic here), and its gradient leaves as per-warp totals (one shared scale), per-element
+// values (full shape), or per-element values in a scratch buffer that a column kernel sums over rows
+// in fixed groups (one scale per feature), all without atomics.
+//
 // Inputs outside the Bernoulli domain (probabilities or targets outside [0, 1]) are not checked
 // here, since a check would need a device-to-host sync: they make that element's loss and
 // gradients NaN instead (hence the sample's loss and the reduced loss).
@@ -26,6 +32,7 @@ constexpr int64_t kChunk = 2048;  // features per warp item; a multiple of every
 
 template <typename scalar_t>
 struct LossArgs {
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* recon;
   const scalar_t* target;
   const scalar_t* mu;
@@ -36,7 +43,28 @@ struct LossArgs {
   scalar_t* grad_logvar;
   int64_t batch, features, latents, chunks_per_row;
   double beta, grad_scale;
+  // gaussian/laplace: log_scale tensor (null: log_scale_value) in `layout`, and where its gradient
+  // goes (each null when not wanted): per-warp-item totals, per-element in log_scale's dtype, or
+  // per-element in the accumulation type (reduction "none", or per-feature sums to come).
+  const scalar_t* log_scale;
+  math::ScaleLayout layout;
+  double log_scale_value;
+  acc_t* grad_log_scale_partial;
+  scalar_t* grad_log_scale_elements;
+  acc_t* grad_log_scale_acc;
 };
+
+// log_scale of the element at flat index i (feature j of its row).
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> log_scale_at(const LossArgs<scalar_t>& a, int64_t i, int64_t j,
+                                                                  at::opmath_type<scalar_t> uniform) {
+  using acc_t = at::opmath_type<scalar_t>;
+  switch (a.layout) {
+    case math::ScaleLayout::per_feature: return static_cast<acc_t>(a.log_scale[j]);
+    case math::ScaleLayout::per_element: return static_cast<acc_t>(a.log_scale[i]);
+    default: return uniform;
+  }
+}
 
 template <bool kLogits, typename acc_t>
 __device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
@@ -50,9 +78,10 @@ __device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
   return t;
 }
 
-template <typename scalar_t, bool kLogits, int kVec, bool kAligned>
+template <typename scalar_t, math::Likelihood kLik, bool kLogits, int kVec, bool kAligned>
 __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<scalar_t> a, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kBernoulli = kLik == math::Likelihood::bernoulli;
   const int lane = threadIdx.x % kWarp;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (item >= a.batch * a.chunks_per_row) return;
@@ -63,7 +92,15 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
   const int64_t end = base + min(a.features, (chunk + 1) * kChunk);
   const acc_t scale = static_cast<acc_t>(a.grad_scale);
 
-  acc_t sum(0);
+  // One shared scale: its log and exp once per thread.
+  acc_t s_uniform(0), r_uniform(1), constant(0);
+  if constexpr (!kBernoulli) {
+    s_uniform = a.log_scale ? static_cast<acc_t>(a.log_scale[0]) : static_cast<acc_t>(a.log_scale_value);
+    r_uniform = math::inverse_scale(s_uniform);
+    constant = static_cast<acc_t>(math::location_scale_constant<kLik>());
+  }
+
+  acc_t sum(0), grad_s_sum(0);
   // kVec > 1 only when features % kVec == 0; kAligned when every pointer is pack-aligned too
   // (both checked on the host). The traversal, hence the order of the sum, depends on kVec alone.
 #pragma unroll 4
@@ -73,15 +110,32 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
     Pack<scalar_t, kVec> gr, gx;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const math::BceTerm<acc_t> t = bce_checked<kLogits>(static_cast<acc_t>(r.v[k]), static_cast<acc_t>(x.v[k]));
-      sum += t.loss;
-      gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
-      gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
+      if constexpr (kBernoulli) {
+        const math::BceTerm<acc_t> t = bce_checked<kLogits>(static_cast<acc_t>(r.v[k]), static_cast<acc_t>(x.v[k]));
+        sum += t.loss;
+        gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
+        gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
+      } else {
+        const acc_t s = log_scale_at(a, i + k, i + k - base, s_uniform);
+        const acc_t inv = a.layout == math::ScaleLayout::uniform ? r_uniform : math::inverse_scale(s);
+        const math::LocationScaleTerm<acc_t> t =
+            math::location_scale_term<kLik>(static_cast<acc_t>(r.v[k]), static_cast<acc_t>(x.v[k]), inv);
+        sum += t.loss + (s + constant);
+        gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
+        gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
+        grad_s_sum += t.d_log_scale;
+        if (a.grad_log_scale_elements) a.grad_log_scale_elements[i + k] = static_cast<scalar_t>(t.d_log_scale * scale);
+        if (a.grad_log_scale_acc) a.grad_log_scale_acc[i + k] = t.d_log_scale * scale;
+      }
     }
     if (a.grad_recon) store_pack_any<scalar_t, kVec, kAligned>(a.grad_recon + i, gr);
     if (a.grad_target) store_pack_any<scalar_t, kVec, kAligned>(a.grad_target + i, gx);
   }
   sum = warp_sum(sum);
+  if (a.grad_log_scale_partial) {
+    grad_s_sum = warp_sum(grad_s_sum);
+    if (lane == 0) a.grad_log_scale_partial[item] = grad_s_sum * scale;
+  }
 
   if (chunk == 0) {
     const acc_t kl_scale = static_cast<acc_t>(a.beta * a.grad_scale);
@@ -114,8 +168,8 @@ constexpr int kReduceThreads = 1024;
 
 // reduction "sum"/"mean": a single block; each thread sums a fixed stride of partials, then a
 // fixed tree combines the threads.
-template <typename acc_t>
-__global__ void __launch_bounds__(kReduceThreads) total_loss_kernel(const acc_t* partial, int64_t count, double divisor, acc_t* out) {
+template <typename acc_t, typename out_t>
+__global__ void __launch_bounds__(kReduceThreads) total_kernel(const acc_t* partial, int64_t count, double divisor, out_t* out) {
   __shared__ acc_t shared[kReduceThreads];
   acc_t total(0);
   for (int64_t i = threadIdx.x; i < count; i += kReduceThreads) total += partial[i];
@@ -125,14 +179,40 @@ __global__ void __launch_bounds__(kReduceThreads) total_loss_kernel(const acc_t*
     if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
     __syncthreads();
   }
-  if (threadIdx.x == 0) out[0] = static_cast<acc_t>(shared[0] / divisor);
+  if (threadIdx.x == 0) out[0] = static_cast<out_t>(shared[0] / divisor);
 }
 
-template <typename scalar_t, bool kLogits, int kVec, bool kAligned>
+// A per-feature scale's gradient: column sums of the per-element values [batch, features], first
+// over fixed groups of rows (one thread per (group, feature): coalesced across features), then over
+// the groups in order, in double so that long columns lose nothing.
+constexpr int kColumnThreads = 128;
+constexpr int64_t kRowsPerGroup = 256;
+
+template <typename acc_t>
+__global__ void column_group_sums_kernel(const acc_t* values, int64_t rows, int64_t features, double* group_sums) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
+  const int64_t group = blockIdx.y;
+  if (j >= features) return;
+  double total = 0.0;
+  const int64_t last = min(rows, (group + 1) * kRowsPerGroup);
+  for (int64_t row = group * kRowsPerGroup; row < last; ++row) total += static_cast<double>(values[row * features + j]);
+  group_sums[group * features + j] = total;
+}
+
+template <typename out_t>
+__global__ void column_totals_kernel(const double* group_sums, int64_t groups, int64_t features, out_t* out) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
+  if (j >= features) return;
+  double total = 0.0;
+  for (int64_t g = 0; g < groups; ++g) total += group_sums[g * features + j];
+  out[j] = static_cast<out_t>(total);
+}
+
+template <typename scalar_t, math::Likelihood kLik, bool kLogits, int kVec, bool kAligned>
 void launch_partials(const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
   const int64_t items = args.batch * args.chunks_per_row;
   const int64_t blocks = (items + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  vae_loss_partials_kernel<scalar_t, kLogits, kVec, kAligned><<<blocks, kThreads, 0, stream>>>(args, partial);
+  vae_loss_partials_kernel<scalar_t, kLik, kLogits, kVec, kAligned><<<blocks, kThreads, 0, stream>>>(args, partial);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -141,26 +221,37 @@ void launch_partials(const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* 
 // or single elements (other feature counts).
 enum class Walk { aligned_packs, unaligned_packs, elements };
 
-template <typename scalar_t, bool kLogits>
+template <typename scalar_t, math::Likelihood kLik, bool kLogits>
 void launch_partials_for(Walk walk, const LossArgs<scalar_t>& args, at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
   constexpr int kPack = 16 / sizeof(scalar_t);
   switch (walk) {
-    case Walk::aligned_packs: return launch_partials<scalar_t, kLogits, kPack, true>(args, partial, stream);
-    case Walk::unaligned_packs: return launch_partials<scalar_t, kLogits, kPack, false>(args, partial, stream);
-    case Walk::elements: return launch_partials<scalar_t, kLogits, 1, true>(args, partial, stream);
+    case Walk::aligned_packs: return launch_partials<scalar_t, kLik, kLogits, kPack, true>(args, partial, stream);
+    case Walk::unaligned_packs: return launch_partials<scalar_t, kLik, kLogits, kPack, false>(args, partial, stream);
+    case Walk::elements: return launch_partials<scalar_t, kLik, kLogits, 1, true>(args, partial, stream);
   }
 }
 
 template <typename scalar_t>
-void launch_loss(const LossArgs<scalar_t>& args, bool logits, Walk walk, Reduction reduction,
+void launch_partials_for(math::Likelihood likelihood, bool logits, Walk walk, const LossArgs<scalar_t>& args,
+                         at::opmath_type<scalar_t>* partial, cudaStream_t stream) {
+  switch (likelihood) {
+    case math::Likelihood::bernoulli:
+      return logits ? launch_partials_for<scalar_t, math::Likelihood::bernoulli, true>(walk, args, partial, stream)
+                    : launch_partials_for<scalar_t, math::Likelihood::bernoulli, false>(walk, args, partial, stream);
+    case math::Likelihood::gaussian:
+      return launch_partials_for<scalar_t, math::Likelihood::gaussian, false>(walk, args, partial, stream);
+    case math::Likelihood::laplace:
+      return launch_partials_for<scalar_t, math::Likelihood::laplace, false>(walk, args, partial, stream);
+  }
+}
+
+template <typename scalar_t>
+void launch_loss(const LossArgs<scalar_t>& args, math::Likelihood likelihood, bool logits, Walk walk, Reduction reduction,
                  at::Tensor& partial, at::Tensor& loss) {
   using acc_t = at::opmath_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-  if (args.batch > 0) {
-    logits ? launch_partials_for<scalar_t, true>(walk, args, partial_ptr, stream)
-           : launch_partials_for<scalar_t, false>(walk, args, partial_ptr, stream);
-  }
+  if (args.batch > 0) launch_partials_for<scalar_t>(likelihood, logits, walk, args, partial_ptr, stream);
   if (reduction == Reduction::none) {
     if (args.batch == 0) return;
     const int threads = 256;
@@ -169,16 +260,43 @@ void launch_loss(const LossArgs<scalar_t>& args, bool logits, Walk walk, Reducti
                                                                 loss.mutable_data_ptr<acc_t>());
   } else {
     const double divisor = reduction == Reduction::mean ? static_cast<double>(args.batch) : 1.0;
-    total_loss_kernel<acc_t><<<1, kReduceThreads, 0, stream>>>(partial_ptr, partial.numel(), divisor,
-                                                               loss.mutable_data_ptr<acc_t>());
+    total_kernel<acc_t, acc_t><<<1, kReduceThreads, 0, stream>>>(partial_ptr, partial.numel(), divisor,
+                                                                 loss.mutable_data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
+// The log_scale gradient's reduction to its shape, after the partials kernel: a total of the
+// per-item sums (one shared scale) or column sums of the per-element values (one per feature).
+template <typename scalar_t>
+void launch_log_scale_reduction(const LossArgs<scalar_t>& args, at::Tensor& grad_log_scale) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto* out = grad_log_scale.mutable_data_ptr<scalar_t>();
+  if (args.grad_log_scale_partial) {
+    total_kernel<at::opmath_type<scalar_t>, scalar_t><<<1, kReduceThreads, 0, stream>>>(
+        args.grad_log_scale_partial, args.batch * args.chunks_per_row, 1.0, out);
+  } else {
+    const int64_t groups = std::max<int64_t>(1, (args.batch + kRowsPerGroup - 1) / kRowsPerGroup);
+    const int64_t column_blocks = (args.features + kColumnThreads - 1) / kColumnThreads;
+    if (column_blocks == 0) return;
+    at::Tensor group_sums = at::zeros({groups, args.features}, grad_log_scale.options().dtype(at::kDouble));
+    if (args.batch > 0) {
+      column_group_sums_kernel<<<dim3(column_blocks, groups), kColumnThreads, 0, stream>>>(
+          args.grad_log_scale_acc, args.batch, args.features, group_sums.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    column_totals_kernel<<<column_blocks, kColumnThreads, 0, stream>>>(group_sums.const_data_ptr<double>(), groups,
+                                                                         args.features, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-    bool logits, double beta, c10::string_view reduction, std::array<bool, 4> grad_mask) {
-  const LossCall call = prepare_loss_call(recon, x, mu, logvar, beta, reduction, grad_mask);
+    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
+    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
+  const LossCall call =
+      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
   const Reduction red = call.reduction;
   const LossShape& shape = call.shape;
   const c10::cuda::CUDAGuard device_guard(recon.device());
@@ -188,8 +306,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
   at::Tensor partial = at::empty({shape.batch * chunks_per_row}, recon.options().dtype(acc_dtype));
   at::Tensor loss = red == Reduction::none ? at::empty({shape.batch}, recon.options().dtype(acc_dtype))
                                            : at::empty({}, recon.options().dtype(acc_dtype));
+  // Where the log_scale gradient is gathered before its reduction (see LossArgs).
+  const bool want_grad_s = grad_mask[4];
+  const bool reduce_total = want_grad_s && !call.grad_log_scale_per_element && call.scale_layout == math::ScaleLayout::uniform;
+  const bool reduce_columns =
+      want_grad_s && !call.grad_log_scale_per_element && call.scale_layout == math::ScaleLayout::per_feature;
+  at::Tensor grad_s_partial = reduce_total ? at::empty({shape.batch * chunks_per_row}, recon.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor grad_s_scratch = reduce_columns ? at::empty({shape.batch, shape.features}, recon.options().dtype(acc_dtype)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_fast::vae_loss (CUDA)", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     LossArgs<scalar_t> args;
     args.recon = call.recon.const_data_ptr<scalar_t>();
     args.target = call.x.const_data_ptr<scalar_t>();
@@ -205,15 +331,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_
     args.chunks_per_row = chunks_per_row;
     args.beta = beta;
     args.grad_scale = call.grad_scale;
+    args.log_scale = call.log_scale.defined() ? call.log_scale.const_data_ptr<scalar_t>() : nullptr;
+    args.layout = call.scale_layout;
+    args.log_scale_value = log_scale_value;
+    args.grad_log_scale_partial = reduce_total ? grad_s_partial.mutable_data_ptr<acc_t>() : nullptr;
+    args.grad_log_scale_elements =
+        want_grad_s && !call.grad_log_scale_per_element && call.scale_layout == math::ScaleLayout::per_element
+            ? call.grad_log_scale.mutable_data_ptr<scalar_t>()
+            : nullptr;
+    args.grad_log_scale_acc = call.grad_log_scale_per_element ? call.grad_log_scale.mutable_data_ptr<acc_t>()
+                              : reduce_columns                 ? grad_s_scratch.mutable_data_ptr<acc_t>()
+                                                               : nullptr;
     constexpr int64_t kPackBytes = 16;
     const bool packed = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0;
     const bool aligned = aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
                          (!args.grad_recon || aligned_to(args.grad_recon, kPackBytes)) &&
                          (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
     const Walk walk = !packed ? Walk::elements : aligned ? Walk::aligned_packs : Walk::unaligned_packs;
-    launch_loss<scalar_t>(args, logits, walk, red, partial, loss);
+    launch_loss<scalar_t>(args, call.likelihood, logits, walk, red, partial, loss);
+    if (reduce_total || reduce_columns) {
+      at::Tensor grad_s = call.grad_log_scale;
+      launch_log_scale_reduction<scalar_t>(args, grad_s);
+    }
   });
-  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
 }
 
 }  // namespace
