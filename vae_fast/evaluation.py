@@ -1,10 +1,13 @@
-"""Held-out metrics of a trained VAE: the negative ELBO (one posterior sample per input) and the
-importance-weighted estimate of log p(x) of Burda et al. (2016),
+"""Held-out metrics of a trained VAE or ConvVAE, for every likelihood (bernoulli, gaussian,
+laplace, with the model's learned scale): the negative ELBO (one posterior sample per input) and
+the importance-weighted estimate of log p(x) of Burda et al. (2016),
 
     log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,   z_k ~ q(z|x),
 
-which tightens towards log p(x) as K grows. Both run in batches under no_grad; log-weights are
-reduced in float64 so large K stays stable.
+which tightens towards log p(x) as K grows. log p(x|z) is the full density in nats, constants
+included (`vae_fast.reference.reconstruction_loss` with the model's `loss_kwargs()`), so numbers
+compare across likelihoods; for continuous data they are densities and may be positive. Both run
+in batches under no_grad; log-weights are reduced in float64 so large K stays stable.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
 from .functional import reparameterize, vae_loss
-from .model import VAE
+from .model import LikelihoodVAE
 
 __all__ = ["negative_elbo", "log_importance_weights", "iwae_log_likelihood", "evaluate_checkpoint"]
 
@@ -30,8 +32,9 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator | None
 
 
 @torch.no_grad()
-def negative_elbo(model: VAE, x: torch.Tensor, *, beta: float = 1.0, batch_size: int = 1000, seed: int | None = 0) -> dict:
-    """Per-sample averages over x [N, D] of the loss (recon + beta * KL), recon and KL, in nats.
+def negative_elbo(model: LikelihoodVAE, x: torch.Tensor, *, beta: float = 1.0, batch_size: int = 1000, seed: int | None = 0) -> dict:
+    """Per-sample averages over x [N, ...] (N samples in any shape the model takes) of the loss
+    (recon + beta * KL), recon (-log p(x|z), one z ~ q(z|x) each) and KL, in nats.
 
     `seed` fixes the posterior draws (None: torch's global generator), so epoch-to-epoch numbers
     compare like with like and training's RNG stream is left alone.
@@ -40,28 +43,31 @@ def negative_elbo(model: VAE, x: torch.Tensor, *, beta: float = 1.0, batch_size:
     recon_sum = kl_sum = 0.0
     for batch in x.split(batch_size):
         mu, logvar = model.encode(batch)
-        logits = model.decode_logits(reparameterize(mu, logvar, generator=generator))
+        output = model.decode_output(reparameterize(mu, logvar, generator=generator))
         kl = reference.kl_divergence(mu, logvar).sum().item()
-        recon_sum += vae_loss(logits, batch, mu, logvar, logits=True, beta=0.0).item()
+        recon_sum += vae_loss(output, batch, mu, logvar, beta=0.0, **model.loss_kwargs()).item()
         kl_sum += kl
     n = len(x)
     return {"loss": (recon_sum + beta * kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
 
 
 @torch.no_grad()
-def log_importance_weights(model: VAE, x: torch.Tensor, samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for z_k ~ q(z|x): float64 [samples, B] for x [B, D]."""
+def log_importance_weights(model: LikelihoodVAE, x: torch.Tensor, samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x) for z_k ~ q(z|x): float64 [samples, B] for x of
+    B samples (any shape the model takes). eps is drawn as torch.randn([samples, B, L]) in chunks."""
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * model.input_dim))
-    target = x.reshape(x.shape[0], -1)
+    batch = x.shape[0]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * model.input_dim))
+    target = x.reshape(batch, -1)
     pieces = []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
         eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + std * eps
-        logits = model.decode_logits(z.reshape(-1, model.latent_dim)).reshape(k, x.shape[0], -1)
-        log_px_z = -F.binary_cross_entropy_with_logits(logits.float(), target.float().expand_as(logits), reduction="none").sum(-1)
+        output = model.decode_output(z.reshape(-1, model.latent_dim))  # [k * B, ...]
+        nll = reference.reconstruction_loss(output, target.expand(k, -1, -1).reshape(k * batch, -1), **model.loss_kwargs())
+        log_px_z = -nll.reshape(k, batch)
         log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
         # log q(z|x) with z = mu + std * eps: the Gaussian density in terms of eps, exactly.
         log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
@@ -70,8 +76,8 @@ def log_importance_weights(model: VAE, x: torch.Tensor, samples: int, *, generat
 
 
 @torch.no_grad()
-def iwae_log_likelihood(model: VAE, x: torch.Tensor, *, samples: int = 1000, batch_size: int = 100, seed: int | None = 0) -> float:
-    """The importance-sampled estimate of the mean log p(x) over x [N, D], in nats (higher is better).
+def iwae_log_likelihood(model: LikelihoodVAE, x: torch.Tensor, *, samples: int = 1000, batch_size: int = 100, seed: int | None = 0) -> float:
+    """The importance-sampled estimate of the mean log p(x) over x [N, ...], in nats (higher is better).
 
     Raises ValueError for samples < 1.
     """
@@ -87,26 +93,32 @@ def iwae_log_likelihood(model: VAE, x: torch.Tensor, *, samples: int = 1000, bat
 
 def evaluate_checkpoint(checkpoint_path, *, samples: int = 1000, dataset: str | None = None, data_dir=None,
                         data_file=None, device: str = "cpu", batch_size: int = 100) -> dict:
-    """`vae-fast eval`: held-out negative ELBO and IWAE log-likelihood of a checkpoint's model.
+    """`vae-fast eval`: held-out negative ELBO and IWAE log-likelihood of a checkpoint's model (VAE
+    or ConvVAE, any likelihood).
 
-    The held-out set is the checkpoint's own (same data set and seed) unless `dataset` names another.
+    The held-out set is the checkpoint's own (same data set and seed, dequantized as in training
+    when it was) unless `dataset` names another; another set is taken as it is.
     Raises CheckpointError for a bad checkpoint and DataError for data the model cannot take.
     """
-    from .checkpoints import load_checkpoint, model_from_checkpoint
+    from .checkpoints import load_checkpoint, model_config, model_from_checkpoint
     from .data import DataError, load_dataset
 
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
     trained = checkpoint["train_config"]
     name = dataset or trained["dataset"]
+    # The density of dequantized training data is compared only with dequantized held-out data.
+    dequantize = name == trained["dataset"] and bool(trained.get("dequantize", False))
     data = load_dataset(name, data_dir=data_dir or trained.get("data_dir"), data_file=data_file or trained.get("data_file"),
-                        seed=trained["seed"])
+                        seed=trained["seed"], dequantize=dequantize)
     if data.input_dim != model.input_dim:
         raise DataError(f"checkpoint {checkpoint_path} models input_dim={model.input_dim} features but data set {data.name} has {data.input_dim}")
     x = data.test_x.to(device)
     elbo = negative_elbo(model, x)
+    config = model_config(checkpoint)
     return {
         "checkpoint": str(checkpoint_path), "dataset": data.name, "held_out_samples": len(x),
+        "model": config["model"], "likelihood": config["likelihood"],
         "negative_elbo": elbo["loss"], "recon": elbo["recon"], "kl": elbo["kl"],
         "iwae_samples": samples, "iwae_log_likelihood": iwae_log_likelihood(model, x, samples=samples, batch_size=batch_size),
     }
