@@ -48,7 +48,7 @@ python3 -m vae_fast info
 repro='import torch, vae_fast
 r, x, mu, lv = torch.rand(4, 10), torch.rand(4, 10), torch.randn(4, 3), torch.randn(4, 3)
 try:
-    torch.ops.vae_fast.vae_loss(r, x, mu, lv, False, -2.0, "sum", [False] * 4)
+    torch.ops.vae_fast.vae_loss(r, x, mu, lv, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 5)
 except ValueError as e:
     print("beta check raises:", str(e).splitlines()[0])'
 timeout 30 python3 -c "$repro"; status=$?

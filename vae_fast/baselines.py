@@ -5,6 +5,8 @@ drop-in contract; benchmarks use them as the eager and torch.compile baselines. 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,28 @@ def eager_loss_logits(recon_logits, x, mu, logvar):
     """Eager baseline of the logits loss (sum reduction, beta = 1), any per-sample shape."""
     bce = F.binary_cross_entropy_with_logits(recon_logits, x.reshape(recon_logits.shape), reduction="sum")
     return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_LOG_2 = math.log(2.0)
+
+
+def _kl(mu, logvar):
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def eager_loss_gaussian(mean, x, mu, logvar, log_scale):
+    """Eager baseline of the Gaussian negative ELBO with one shared learned log-sigma (sum reduction,
+    beta = 1), constants included, in its cheapest form: the log-sigma term is n * log_sigma, not a
+    per-element sum. (F.gaussian_nll_loss is slower: it expands the variance and clamps it per element.)"""
+    z = (x.reshape(mean.shape) - mean) * torch.exp(-log_scale)
+    return 0.5 * z.pow(2).sum() + mean.numel() * (log_scale + _HALF_LOG_2PI) + _kl(mu, logvar)
+
+
+def eager_loss_laplace(location, x, mu, logvar, log_scale):
+    """Eager baseline of the Laplace negative ELBO with one shared learned log-scale, as above."""
+    a = (x.reshape(location.shape) - location).abs().sum() * torch.exp(-log_scale)
+    return a + location.numel() * (log_scale + _LOG_2) + _kl(mu, logvar)
 
 
 def eager_reparameterize(mu, logvar):

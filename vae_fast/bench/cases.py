@@ -17,11 +17,38 @@ from typing import Callable
 import torch
 
 import vae_fast
-from vae_fast.baselines import eager_loss_logits, eager_loss_probs, eager_reparameterize
+from vae_fast.baselines import (
+    eager_loss_gaussian,
+    eager_loss_laplace,
+    eager_loss_logits,
+    eager_loss_probs,
+    eager_reparameterize,
+)
 
 FEATURES = 784  # MNIST, as in the PyTorch examples' VAE
 IMPLEMENTATIONS = ("fused", "eager", "compiled")
-LOSS_OPS = {"loss_probs": False, "loss_logits": True}  # op name -> logits flag
+
+
+@dataclass(frozen=True)
+class LossOp:
+    """A loss case's likelihood and the eager code it is measured against. Gaussian and Laplace run
+    with one shared learned log_scale (the common sigma-VAE set-up), which gets a gradient too."""
+
+    likelihood: str
+    logits: bool
+    eager: Callable
+
+    @property
+    def learned_scale(self) -> bool:
+        return self.likelihood != "bernoulli"
+
+
+LOSS_OPS = {
+    "loss_probs": LossOp("bernoulli", False, eager_loss_probs),
+    "loss_logits": LossOp("bernoulli", True, eager_loss_logits),
+    "loss_gaussian": LossOp("gaussian", False, eager_loss_gaussian),
+    "loss_laplace": LossOp("laplace", False, eager_loss_laplace),
+}
 # Enough sets to cover small sizes' rotation without spending minutes creating them.
 MAX_INPUT_SETS = 1024
 
@@ -84,24 +111,37 @@ def reparameterize_ideal_bytes(batch: int, latent: int, itemsize: int, *, backwa
 def loss_case(
     op: str, batch: int, latent: int, *, backward: bool, dtype: torch.dtype, device: torch.device, rotation_bytes: int
 ) -> Case:
-    logits = LOSS_OPS[op]
-    eager = eager_loss_logits if logits else eager_loss_probs
+    spec = LOSS_OPS[op]
 
-    def fused(recon, x, mu, logvar):
-        return vae_fast.vae_loss(recon, x, mu, logvar, logits=logits)
+    if spec.learned_scale:
+        def fused(recon, x, mu, logvar, log_scale):
+            return vae_fast.vae_loss(recon, x, mu, logvar, likelihood=spec.likelihood, log_scale=log_scale)
+    else:
+        def fused(recon, x, mu, logvar):
+            return vae_fast.vae_loss(recon, x, mu, logvar, logits=spec.logits)
 
     def make_set():
-        if logits:
+        if spec.learned_scale:
+            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device)
+            x = recon + 0.5 * torch.randn(batch, FEATURES, dtype=dtype, device=device)
+        elif spec.logits:
             recon = torch.randn(batch, FEATURES, dtype=dtype, device=device)
         else:
             # Strictly inside (0, 1): BCE's logs stay finite, and no implementation takes a clamp path.
             recon = torch.rand(batch, FEATURES, dtype=dtype, device=device).clamp_(0.01, 0.99)
-        x = torch.rand(batch, FEATURES, dtype=dtype, device=device)
+        if not spec.learned_scale:
+            x = torch.rand(batch, FEATURES, dtype=dtype, device=device)
         mu = torch.randn(batch, latent, dtype=dtype, device=device)
         logvar = 0.5 * torch.randn(batch, latent, dtype=dtype, device=device)
-        for t in (recon, mu, logvar):
+        differentiated = [recon, mu, logvar]
+        tensors = [recon, x, mu, logvar]
+        if spec.learned_scale:
+            log_scale = torch.tensor(-0.5, dtype=dtype, device=device)
+            differentiated.append(log_scale)
+            tensors.append(log_scale)
+        for t in differentiated:
             t.requires_grad_(backward)
-        return recon, x, mu, logvar
+        return tuple(tensors)
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     set_bytes = (2 * batch * FEATURES + 2 * batch * latent) * itemsize
@@ -110,7 +150,11 @@ def loss_case(
     def timed(fn):
         if not backward:
             return rotating(fn, input_sets)
-        return rotating(lambda recon, x, mu, logvar: torch.autograd.grad(fn(recon, x, mu, logvar), (recon, mu, logvar)), input_sets)
+
+        def forward_backward(recon, x, *rest):
+            return torch.autograd.grad(fn(recon, x, *rest), (recon, *rest))
+
+        return rotating(forward_backward, input_sets)
 
     return Case(
         op=op,
@@ -121,7 +165,7 @@ def loss_case(
         device=device,
         ideal_bytes=loss_ideal_bytes(batch, latent, itemsize, backward=backward),
         input_sets=len(input_sets),
-        runs={"fused": timed(fused), "eager": timed(eager), "compiled": timed(compiled(eager))},
+        runs={"fused": timed(fused), "eager": timed(spec.eager), "compiled": timed(compiled(spec.eager))},
     )
 
 

@@ -21,6 +21,8 @@ PANEL_TITLES = {
     "reparameterize": "reparameterize",
     "loss_probs": "loss, probabilities",
     "loss_logits": "loss, logits",
+    "loss_gaussian": "loss, Gaussian (learned shared scale)",
+    "loss_laplace": "loss, Laplace (learned shared scale)",
     "train_step": "training step, drop-in VAE",
     "train_step_logits": "training step, VAE logits path",
 }

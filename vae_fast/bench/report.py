@@ -44,6 +44,9 @@ CPU_TARGETS = (
     Target("loss_probs", "fwd+bwd", "eager", 5.0),
     Target("loss_logits", "fwd+bwd", "compiled", 2.0),
     Target("reparameterize", "fwd+bwd", "eager", 1.0),
+    # issue 10: Gaussian with a learned shared scale
+    Target("loss_gaussian", "fwd+bwd", "eager", 4.0),
+    Target("loss_gaussian", "fwd+bwd", "compiled", 1.5),
 )
 
 

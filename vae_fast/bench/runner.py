@@ -29,6 +29,9 @@ OP_PASSES = (
     ("loss_probs", "fwd+bwd"),
     ("loss_logits", "fwd"),
     ("loss_logits", "fwd+bwd"),
+    ("loss_gaussian", "fwd"),
+    ("loss_gaussian", "fwd+bwd"),
+    ("loss_laplace", "fwd+bwd"),
 )
 DEFAULT_OUT = "benchmarks/results"
 SCHEMA_VERSION = 1
