@@ -190,11 +190,16 @@ def test_importance_weights_match_torch_distributions(kind, likelihood, learn_sc
     import vae_fast.evaluation as evaluation
 
     model, x = _continuous_model(kind, likelihood, learn_scale), _continuous_data(kind, 5)
-    monkeypatch.setattr(evaluation, "_CHUNK_ELEMENTS", 5 * model.input_dim * 7)  # chunks of 7 samples: 3 for K = 16
+    # Chunks of 7 samples (3 for K = 16): the decoder's widest activation per sample is the MLP's
+    # hidden layer (8) or the ConvVAE's 1x4x6 output (as large as its 4x2x3 feature map).
+    widest = {"mlp": 8, "conv": 24}[kind]
+    monkeypatch.setattr(evaluation, "_CHUNK_ELEMENTS", 5 * widest * 7)
     seen = _record_decoded_z(model)
     log_w = log_importance_weights(model, x, 16, generator=torch.Generator().manual_seed(0))
     del model.decode_output
-    assert len(seen) == 3
+    probe, *seen = seen  # one z of zeros, decoded to measure the activations
+    assert torch.equal(probe, torch.zeros(1, 2, dtype=torch.float64))
+    assert [len(z) for z in seen] == [35, 35, 10]
     z = torch.cat(seen).reshape(16, 5, 2)
     assert log_w.shape == (16, 5) and log_w.dtype == torch.float64
     assert z.std(0).min() > 0.05  # 16 different draws per input
@@ -242,6 +247,15 @@ def test_the_bound_is_the_elbo_at_one_sample_and_rises_with_k(likelihood):
     elbo = -negative_elbo(model, x, seed=4)["loss"]
     assert elbo == pytest.approx(means[1][0], abs=4 * means[1][1] + 0.01)
     assert means[1][0] + 4 * means[1][1] < means[5][0] and means[5][0] + 4 * means[5][1] < means[25][0], means
+
+
+def test_chunks_are_sized_by_the_widest_decoder_activation():
+    from vae_fast.evaluation import _widest_decoder_activation
+
+    assert _widest_decoder_activation(VAE()) == 784  # 20 -> 400 -> 784
+    assert _widest_decoder_activation(VAE(input_dim=64, hidden_dims=(1000, 300))) == 1000
+    # 16 -> 64x7x7 -> 32x14x14 -> 1x28x28: the middle feature map is 8x the image.
+    assert _widest_decoder_activation(ConvVAE((1, 28, 28), 16, (32, 64))) == 32 * 14 * 14
 
 
 def _linear_gaussian_model(latent_dim: int, learn_scale: str, seed: int = 0) -> tuple[VAE, torch.Tensor, torch.Tensor, torch.Tensor]:

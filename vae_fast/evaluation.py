@@ -23,8 +23,26 @@ from .model import LikelihoodVAE
 __all__ = ["negative_elbo", "log_importance_weights", "iwae_log_likelihood", "evaluate_checkpoint"]
 
 _LOG_2PI = math.log(2 * math.pi)
-# Bound on decoded elements per chunk (samples x batch x D) so memory stays ~100 MB whatever K is.
+# Bound on the decoder's widest activation per chunk (samples x batch x its elements per sample), so
+# memory stays ~100 MB whatever K is: for an MLP that is the output, for ConvVAE a feature map
+# several times larger than the image.
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _widest_decoder_activation(model: LikelihoodVAE) -> int:
+    """The most elements per sample that any layer of the decoder outputs (the output included),
+    found by decoding one z with forward hooks on every leaf module: exact for any architecture."""
+    weight = model.encoder_heads.weight
+    sizes = [model.input_dim]
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [m.register_forward_hook(lambda module, args, out: sizes.append(out.numel() if isinstance(out, torch.Tensor) else 0))
+             for m in leaves]
+    try:
+        model.decode_output(torch.zeros(1, model.latent_dim, device=weight.device, dtype=weight.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(sizes)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -58,7 +76,7 @@ def log_importance_weights(model: LikelihoodVAE, x: torch.Tensor, samples: int, 
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
     batch = x.shape[0]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * model.input_dim))
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * _widest_decoder_activation(model)))
     target = x.reshape(batch, -1)
     pieces = []
     for start in range(0, samples, chunk):
