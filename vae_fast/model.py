@@ -50,9 +50,9 @@ class LikelihoodVAE(nn.Module):
     """What every vae_fast model shares: a diagonal Gaussian posterior q(z|x) = N(mu, exp(logvar)),
     an N(0, I) prior, and a decoder likelihood p(x|z) that the fused `vae_fast.vae_loss` reads.
 
-    Subclasses call `_init_likelihood` in their constructor (after setting `latent_dim`) and define
-    `encode(x) -> (mu, logvar)`, `decode_output(z)` and `encoder_heads` (the Linear layer giving
-    [mu, logvar]; its weight tells the model's device and dtype).
+    Subclasses call `_init_likelihood` in their constructor and define `latent_dim`, `input_dim`
+    (elements per sample), `encode(x) -> (mu, logvar)`, `decode_output(z)` and `encoder_heads`
+    (the Linear layer giving [mu, logvar]; its weight tells the model's device and dtype).
 
     Attributes:
         likelihood: "bernoulli" (decode_output gives logits), "gaussian" (the mean) or "laplace"
@@ -62,6 +62,7 @@ class LikelihoodVAE(nn.Module):
         log_scale: the learned log of the decoder's standard deviation (gaussian) or scale b
             (laplace): an nn.Parameter of shape () ("shared") or the output's per-sample shape
             ("feature"), initialised to 0 (scale 1); None when learn_scale is "none".
+        fused: whether z is drawn by the fused `vae_fast.reparameterize` kernel (else the reference).
     """
 
     likelihood: str
