@@ -89,5 +89,19 @@ else:
     settings.load_profile(os.environ.get("VAE_FAST_HYPOTHESIS_PROFILE", "ci"))
 
 
+def checkpoint_round_trip(model, tmp_path):
+    """`model` (its learned log_scale, if any, set away from its initial 0 first) saved as a training
+    checkpoint and rebuilt by `model_from_checkpoint`."""
+    from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    if model.log_scale is not None:
+        with torch.no_grad():
+            model.log_scale.uniform_(-1, 1)
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"model_config": model.config(), "model": model.state_dict(), "optimizer": {}, "epoch": 0,
+                           "dataset": {}, "train_config": {}, "rng_states": {}, "history": []})
+    return model_from_checkpoint(load_checkpoint(path), path)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-__all__ = ["DEVICES", "TOLERANCE", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]
+__all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]

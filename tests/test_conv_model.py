@@ -10,8 +10,7 @@ from torch import nn
 
 import likelihood_oracle
 from vae_fast import ConvVAE, loss_function
-from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import relative_error
+from conftest import checkpoint_round_trip, relative_error
 
 _SIZES = [
     ((1, 28, 28), (32, 64)),  # MNIST: 28 -> 14 -> 7
@@ -147,13 +146,7 @@ def test_a_few_steps_on_digits_lower_the_held_out_loss_and_learn_the_scale(likel
 def test_checkpoint_round_trip(tmp_path, likelihood, learn_scale):
     torch.manual_seed(0)
     model = ConvVAE((1, 12, 8), 4, (8, 16), likelihood=likelihood, learn_scale=learn_scale)
-    if model.log_scale is not None:
-        with torch.no_grad():
-            model.log_scale.uniform_(-1, 1)
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"model_config": model.config(), "model": model.state_dict(), "optimizer": {}, "epoch": 0,
-                           "dataset": {}, "train_config": {}, "rng_states": {}, "history": []})
-    loaded = model_from_checkpoint(load_checkpoint(path), path)
+    loaded = checkpoint_round_trip(model, tmp_path)
     assert type(loaded) is ConvVAE
     assert loaded.config() == {"model": "conv", "image_shape": [1, 12, 8], "latent_dim": 4, "channels": [8, 16],
                                "likelihood": likelihood, "learn_scale": learn_scale}

@@ -10,7 +10,7 @@ import vae_fast
 from vae_fast import VAE, loss_function
 from vae_fast.baselines import ExampleVAE, example_loss_function
 import likelihood_oracle
-from conftest import relative_error
+from conftest import checkpoint_round_trip, relative_error
 
 
 def _mnist_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -476,17 +476,9 @@ def test_bad_likelihood_arguments_are_rejected(kwargs, message):
 
 @pytest.mark.parametrize("likelihood, learn_scale", [("bernoulli", "none"), ("gaussian", "feature"), ("laplace", "shared")])
 def test_checkpoint_rebuilds_the_model_with_its_learned_scale(tmp_path, likelihood, learn_scale):
-    from vae_fast.checkpoints import load_checkpoint, model_from_checkpoint, save_checkpoint
-
     torch.manual_seed(0)
     model = VAE(input_dim=6, hidden_dims=(8, 5), latent_dim=2, likelihood=likelihood, learn_scale=learn_scale)
-    if model.log_scale is not None:
-        with torch.no_grad():
-            model.log_scale.uniform_(-1, 1)
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"model_config": model.config(), "model": model.state_dict(), "optimizer": {}, "epoch": 0,
-                           "dataset": {}, "train_config": {}, "rng_states": {}, "history": []})
-    loaded = model_from_checkpoint(load_checkpoint(path), path)
+    loaded = checkpoint_round_trip(model, tmp_path)
     assert type(loaded) is VAE and loaded.config() == model.config()
     assert loaded.config() == {"model": "mlp", "input_dim": 6, "latent_dim": 2, "hidden_dims": [8, 5],
                                "likelihood": likelihood, "learn_scale": learn_scale}
