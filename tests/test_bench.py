@@ -147,3 +147,53 @@ def test_bench_size_options_parse_and_reject_bad_values(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["bench", *bad])
         assert bad[0] in capsys.readouterr().err
+
+
+def test_baselines_timed_in_another_interpreter(monkeypatch):
+    """--baseline-python: the op cases' eager and compiled calls run in a server process (here this
+    same interpreter, started anew), on inputs whose checksum matches ours; the report names it."""
+    import sys
+
+    from vae_fast.bench.baseline_process import BaselineProcess, RemoteRun
+
+    seen = []
+    measure_case = runner.measure_case
+
+    def spying(case, plan, baseline=None):
+        result = measure_case(case, plan, baseline)
+        seen.append((case.op, type(case.runs["eager"]).__name__, type(case.runs.get("compiled")).__name__))
+        return result
+
+    monkeypatch.setattr(runner, "measure_case", spying)
+    plan = Plan(batches=(8,), latents=(4,), dtypes=(torch.float32,), training_batches=(), compile=True,
+                op_passes=(("loss_gaussian", "fwd+bwd"), ("reparameterize", "fwd")), **TINY)
+    with BaselineProcess(sys.executable) as baseline:
+        assert baseline.torch_version == torch.__version__
+        report = measure("cpu", plan, baseline=baseline)
+    assert not report["failed"], report["failed"]
+    assert [op for op, _, _ in seen] == ["loss_gaussian", "reparameterize"]
+    assert all(eager == compiled == RemoteRun.__name__ for _, eager, compiled in seen)
+    assert all(row["baseline_torch"] == torch.__version__ and row["speedup_vs_compiled"] > 0 for row in report["rows"])
+    assert report["versions"]["baseline_python"] == sys.executable
+    assert "side by side" in to_markdown(report)
+
+
+def test_baseline_process_refuses_other_inputs_and_bad_interpreters(tmp_path):
+    import sys
+
+    from vae_fast.bench.baseline_process import BaselineProcess, BaselineProcessError
+
+    with pytest.raises(BaselineProcessError, match="no such executable file"):
+        BaselineProcess(tmp_path / "python")
+    with BaselineProcess(sys.executable) as baseline:
+        with pytest.raises(BaselineProcessError, match="built other inputs"):
+            baseline.build("loss_logits", "fwd", 4, 2, "float32", 2**20, 1, checksum=12345.0)
+        with pytest.raises(BaselineProcessError, match="KeyError"):
+            baseline.build("loss_poisson", "fwd", 4, 2, "float32", 2**20, 1, checksum=None)
+    assert main_exit_status(["bench", "--device", "cpu", "--baseline-python", str(tmp_path / "python")]) == 2
+
+
+def main_exit_status(argv):
+    from vae_fast.cli import main
+
+    return main(argv)

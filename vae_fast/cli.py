@@ -47,7 +47,8 @@ def _bench(args) -> int:
 
     selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches")
                  if getattr(args, key) is not None}
-    return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads, selection=selection)
+    return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads, selection=selection,
+                     baseline_python=args.baseline_python)
 
 
 def _default_device() -> str:
@@ -258,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", type=_bench_dtypes, help="only these dtypes, e.g. float32 (CPU runs float32 only)")
     bench.add_argument("--training-batches", type=_positive_ints("--training-batches"),
                        help="training-step batch sizes, e.g. 128,1024")
+    bench.add_argument("--baseline-python", metavar="PYTHON",
+                       help="time the eager and torch.compile baselines in this interpreter (another environment, "
+                            "e.g. one with torch's CPU build, whose compiler is faster on CPU), side by side with "
+                            "the fused kernels on the same inputs; CPU only; training steps stay in this process")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -68,6 +68,8 @@ class Case:
     ideal_bytes: int | None  # None where a bandwidth figure would mean nothing (matmul-bound)
     input_sets: int
     runs: dict[str, Callable[[], object]] = field(default_factory=dict)
+    checksum: float | None = None  # of the inputs, see input_checksum
+    rotation_bytes: int | None = None  # what the input sets were sized to exceed
 
     @property
     def label(self) -> str:
@@ -80,6 +82,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def input_set_count(set_bytes: int, rotation_bytes: int) -> int:
     return max(2, min(MAX_INPUT_SETS, -(-rotation_bytes // set_bytes)))
+
+
+INPUT_SEED = 1234
+
+
+def input_generator(device: torch.device) -> torch.Generator:
+    """The source of a case's inputs: seeded, so that another process (another torch build timing
+    the baselines, `vae-fast bench --baseline-python`) builds the very same input sets."""
+    return torch.Generator(device=device).manual_seed(INPUT_SEED)
+
+
+def input_checksum(case_sets: list[tuple]) -> float:
+    """A float64 sum over every input tensor of a case, to check two processes built the same ones."""
+    return float(sum(float(t.detach().double().sum()) for tensors in case_sets for t in tensors))
 
 
 def rotating(call: Callable, input_sets: list[tuple]) -> Callable[[], object]:
@@ -112,6 +128,7 @@ def loss_case(
     op: str, batch: int, latent: int, *, backward: bool, dtype: torch.dtype, device: torch.device, rotation_bytes: int
 ) -> Case:
     spec = LOSS_OPS[op]
+    gen = input_generator(device)
 
     if spec.learned_scale:
         def fused(recon, x, mu, logvar, log_scale):
@@ -122,17 +139,17 @@ def loss_case(
 
     def make_set():
         if spec.learned_scale:
-            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device)
-            x = recon + 0.5 * torch.randn(batch, FEATURES, dtype=dtype, device=device)
+            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device, generator=gen)
+            x = recon + 0.5 * torch.randn(batch, FEATURES, dtype=dtype, device=device, generator=gen)
         elif spec.logits:
-            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device)
+            recon = torch.randn(batch, FEATURES, dtype=dtype, device=device, generator=gen)
         else:
             # Strictly inside (0, 1): BCE's logs stay finite, and no implementation takes a clamp path.
-            recon = torch.rand(batch, FEATURES, dtype=dtype, device=device).clamp_(0.01, 0.99)
+            recon = torch.rand(batch, FEATURES, dtype=dtype, device=device, generator=gen).clamp_(0.01, 0.99)
         if not spec.learned_scale:
-            x = torch.rand(batch, FEATURES, dtype=dtype, device=device)
-        mu = torch.randn(batch, latent, dtype=dtype, device=device)
-        logvar = 0.5 * torch.randn(batch, latent, dtype=dtype, device=device)
+            x = torch.rand(batch, FEATURES, dtype=dtype, device=device, generator=gen)
+        mu = torch.randn(batch, latent, dtype=dtype, device=device, generator=gen)
+        logvar = 0.5 * torch.randn(batch, latent, dtype=dtype, device=device, generator=gen)
         differentiated = [recon, mu, logvar]
         tensors = [recon, x, mu, logvar]
         if spec.learned_scale:
@@ -166,16 +183,20 @@ def loss_case(
         ideal_bytes=loss_ideal_bytes(batch, latent, itemsize, backward=backward),
         input_sets=len(input_sets),
         runs={"fused": timed(fused), "eager": timed(spec.eager), "compiled": timed(compiled(spec.eager))},
+        checksum=input_checksum(input_sets),
+        rotation_bytes=rotation_bytes,
     )
 
 
 def reparameterize_case(
     batch: int, latent: int, *, backward: bool, dtype: torch.dtype, device: torch.device, rotation_bytes: int
 ) -> Case:
+    gen = input_generator(device)
+
     def make_set():
-        mu = torch.randn(batch, latent, dtype=dtype, device=device, requires_grad=backward)
-        logvar = (0.5 * torch.randn(batch, latent, dtype=dtype, device=device)).requires_grad_(backward)
-        grad_z = torch.randn(batch, latent, dtype=dtype, device=device)
+        mu = torch.randn(batch, latent, dtype=dtype, device=device, requires_grad=backward, generator=gen)
+        logvar = (0.5 * torch.randn(batch, latent, dtype=dtype, device=device, generator=gen)).requires_grad_(backward)
+        grad_z = torch.randn(batch, latent, dtype=dtype, device=device, generator=gen)
         return (mu, logvar, grad_z) if backward else (mu, logvar)
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -196,6 +217,8 @@ def reparameterize_case(
         device=device,
         ideal_bytes=reparameterize_ideal_bytes(batch, latent, itemsize, backward=backward),
         input_sets=len(input_sets),
+        checksum=input_checksum(input_sets),
+        rotation_bytes=rotation_bytes,
         runs={
             "fused": timed(vae_fast.reparameterize),
             "eager": timed(eager_reparameterize),

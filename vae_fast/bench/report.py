@@ -129,6 +129,17 @@ def busy_machine_warning(report: dict) -> str | None:
     )
 
 
+def _baseline_line(report: dict) -> str:
+    """Which torch produced the eager and compiled baselines (another environment's with --baseline-python)."""
+    versions = report["versions"]
+    baseline_torch = versions.get("baseline_torch", versions["torch"])
+    if versions.get("baseline_python") is None:
+        return f"Baselines (eager, compiled): torch {baseline_torch}, in this process."
+    return (f"Baselines (eager, compiled) of the op rows: **torch {baseline_torch}**, timed in "
+            f"`{versions.get('baseline_python')}` side by side (same seeded inputs, rounds interleaved, 50 ms idle "
+            f"before each sample); fused and the training-step rows: torch {versions['torch']}.")
+
+
 def _header(report: dict) -> list[str]:
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu']}, {machine['cpu_cores']} cores"
@@ -141,6 +152,7 @@ def _header(report: dict) -> list[str]:
         + (f" ({report['versions']['git']})" if report["versions"].get("git") else "")
         + f", torch {report['versions']['torch']}, "
         f"{threads} torch thread{'s' if threads != 1 else ''}; {report['plan']['label']} run in {report['wall_s']:.0f} s.",
+        _baseline_line(report),
         f"Copy bandwidth (`dst.copy_(src)`, {report['plan']['copy_buffer_bytes'] // 2**20} MiB, same run): "
         f"**{report['copy_bandwidth_gb_per_s']:.1f} GB/s**.",
         "",

@@ -19,6 +19,7 @@ import torch
 import vae_fast
 
 from . import timing
+from .baseline_process import SETTLE_S, BaselineProcess, BaselineProcessError, RemoteRun
 from .cases import IMPLEMENTATIONS, Case, Unavailable, dtype_name, op_case
 from .training import training_step_case
 
@@ -197,10 +198,27 @@ def _cases(plan: Plan, device: torch.device, rotation_bytes: int):
             )
 
 
-def measure_case(case: Case, plan: Plan) -> tuple[dict[str, list[float]], dict]:
-    """Warm every implementation up (torch.compile's first call timed apart), then interleave."""
+def _use_baseline_process(case: Case, baseline: BaselineProcess) -> float | None:
+    """Replaces the case's eager and compiled runs by the baseline process's (built there from the
+    same seeded inputs); returns that process's compile time."""
+    built = baseline.build(case.op, case.pass_, case.batch, case.latent, dtype_name(case.dtype), case.rotation_bytes,
+                           torch.get_num_threads(), case.checksum)
+    for name in ("eager", "compiled"):
+        if name in case.runs:
+            case.runs[name] = RemoteRun(baseline, name)
+    return built["compile_s"] if "compiled" in case.runs else None
+
+
+def measure_case(case: Case, plan: Plan, baseline: BaselineProcess | None = None) -> tuple[dict[str, list[float]], dict]:
+    """Warm every implementation up (torch.compile's first call timed apart), then interleave. With
+    a baseline process, op cases take their eager and compiled timings from it (training steps stay
+    in this process)."""
     clock = timing.clock_for(case.device)
-    compile_s = timing.first_call_seconds(case.runs["compiled"], case.device) if "compiled" in case.runs else None
+    remote = baseline is not None and not case.op.startswith("train_step")
+    if remote:
+        compile_s = _use_baseline_process(case, baseline)
+    else:
+        compile_s = timing.first_call_seconds(case.runs["compiled"], case.device) if "compiled" in case.runs else None
     # The inputs were written when created, so their pages are resident already; a few calls fill
     # the allocator's caches and finish any lazy initialization (autotuning, thread pools).
     for run in case.runs.values():
@@ -216,8 +234,9 @@ def measure_case(case: Case, plan: Plan) -> tuple[dict[str, list[float]], dict]:
             min_rounds=plan.min_rounds,
             max_rounds=plan.max_rounds,
         )
-        samples = timing.interleaved_samples(case.runs, clock, repetitions)
+        samples = timing.interleaved_samples(case.runs, clock, repetitions, settle_s=SETTLE_S if remote else 0.0)
     return samples, {
+        "baseline_torch": baseline.torch_version if remote else torch.__version__,
         "compile_s": compile_s,
         "calls_per_sample": repetitions.calls_per_sample,
         "rounds": repetitions.rounds,
@@ -225,10 +244,12 @@ def measure_case(case: Case, plan: Plan) -> tuple[dict[str, list[float]], dict]:
     }
 
 
-def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_done=None) -> dict:
+def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_done=None,
+            baseline: BaselineProcess | None = None) -> dict:
     """Every case of the plan on one device, plus the device's copy bandwidth: the report dict that
     `report.py` turns into Markdown and JSON. A case that raises is recorded under "failed" and the
-    run goes on; `on_case_done(report_so_far)` is called after each case."""
+    run goes on; `on_case_done(report_so_far)` is called after each case. `baseline`: time the op
+    cases' eager and compiled baselines in that process (another torch build) instead."""
     device = torch.device(device)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -245,6 +266,8 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
             "git": source_revision(),
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "baseline_torch": baseline.torch_version if baseline else torch.__version__,
+            "baseline_python": baseline.python if baseline else None,  # None: in this process
         },
         "backend": vae_fast.backend_info()["devices"][device.type],
         "plan": plan.describe(),
@@ -264,7 +287,7 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
             case = build()
             if not plan.compile:
                 del case.runs["compiled"]
-            samples, details = measure_case(case, plan)
+            samples, details = measure_case(case, plan, baseline)
             row = {**_summarize(case, samples, copy_bytes_per_s), **details, "load_average": load_average()}
             del case  # frees this case's input sets before the next case allocates its own
         except Unavailable as why:
@@ -300,15 +323,16 @@ def run_bench(
     out_dir: str | os.PathLike = DEFAULT_OUT,
     threads: int | None = None,
     selection: dict | None = None,
+    baseline_python: str | None = None,
 ) -> int:
     """`vae-fast bench`: for each device, the Markdown table on stdout and the .md/.json/.png files
     in out_dir. `threads` sets torch's CPU threads (default: torch's choice); on a shared machine
     fewer threads than cores keeps parallel regions from stalling behind other processes.
     `selection` (keys batches, latents, dtypes, training_batches) restricts the plan to those sizes.
-    Returns the process exit status: 1 when a case failed, 2 for an unusable device or thread count."""
-    from .plot import write_plot
-    from .report import result_stem, to_markdown, write_json
-
+    `baseline_python`: another environment's interpreter that times the eager and compiled
+    baselines of the op cases (CPU only; see baseline_process).
+    Returns the process exit status: 1 when a case failed, 2 for an unusable device, thread count or
+    baseline interpreter."""
     if device == "cuda" and not torch.cuda.is_available():
         print("vae-fast bench: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
         return 2
@@ -317,10 +341,33 @@ def run_bench(
             print(f"vae-fast bench: --threads must be at least 1, got {threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
+    devices = [device] if device else default_devices()
+    if baseline_python is not None and devices != ["cpu"]:
+        print("vae-fast bench: --baseline-python times CPU cases only; add --device cpu", file=sys.stderr)
+        return 2
+    baseline = None
+    if baseline_python is not None:
+        try:
+            baseline = BaselineProcess(baseline_python)
+        except BaselineProcessError as error:
+            print(f"vae-fast bench: {error}", file=sys.stderr)
+            return 2
+        print(f"[bench] baselines in {baseline.python}: torch {baseline.torch_version}", file=sys.stderr)
+    try:
+        return _run_devices(devices, quick, Path(out_dir), selection, baseline)
+    finally:
+        if baseline is not None:
+            baseline.close()
+
+
+def _run_devices(devices: list[str], quick: bool, out_dir: Path, selection: dict | None,
+                 baseline: BaselineProcess | None) -> int:
+    from .plot import write_plot
+    from .report import result_stem, to_markdown, write_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
-    for name in [device] if device else default_devices():
+    for name in devices:
         plan = Plan.quick_run(torch.device(name)) if quick else Plan.full_run(torch.device(name))
         plan = plan.selected(**(selection or {}))
 
@@ -330,7 +377,7 @@ def run_bench(
             stem.with_suffix(".md").write_text(to_markdown(report, plot_name=stem.with_suffix(".png").name))
             write_json(report, stem.with_suffix(".json"))
 
-        report = measure(name, plan, on_case_done=write_tables)
+        report = measure(name, plan, on_case_done=write_tables, baseline=baseline)
         stem = out_dir / result_stem(report)
         write_plot(report, stem.with_suffix(".png"))
         print(to_markdown(report, plot_name=stem.with_suffix(".png").name), flush=True)

@@ -28,9 +28,13 @@ def synchronize(device: torch.device) -> None:
 
 
 class HostClock:
-    """Wall clock; right for the CPU, where a call returns when its work is done."""
+    """Wall clock; right for the CPU, where a call returns when its work is done. A run that times
+    itself (another process's, `baseline_process.RemoteRun`) is asked for its own figure."""
 
     def seconds_per_call(self, run: Callable[[], object], calls: int) -> float:
+        own_timing = getattr(run, "seconds_per_call", None)
+        if own_timing is not None:
+            return own_timing(calls)
         start = time.perf_counter()
         for _ in range(calls):
             run()
@@ -107,14 +111,18 @@ def choose_repetitions(
     return Repetitions(calls, rounds)
 
 
-def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions) -> dict[str, list[float]]:
-    """Seconds per call, one sample per implementation per round."""
+def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions,
+                        settle_s: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call, one sample per implementation per round; with settle_s, the machine is left
+    idle that long before each sample (contenders in two processes: see baseline_process)."""
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repetitions.rounds):
         # The starting implementation moves each round, so none always runs right after another.
         for offset in range(len(names)):
             name = names[(round_index + offset) % len(names)]
+            if settle_s:
+                time.sleep(settle_s)
             samples[name].append(clock.seconds_per_call(runs[name], repetitions.calls_per_sample))
     return samples
 
