@@ -389,3 +389,18 @@ def test_cuda_graph_replay_gives_the_eager_bits(likelihood, scale):
     eager = op(*args)
     for name, got, expected in zip(("loss", "recon", "x", "mu", "logvar", "log_scale"), captured, eager):
         assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("scale", ["shared", "feature", "element"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(likelihood, scale, device):
+    """No samples: a summed loss of 0 and a zero log_scale gradient of log_scale's shape."""
+    recon, x, mu, logvar, log_scale = make_case(0, 12, 3, scale, device=device)
+    log_scale.requires_grad_()
+    loss = vae_fast.vae_loss(recon, x, mu, logvar, likelihood=likelihood, log_scale=log_scale)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert log_scale.grad.shape == log_scale.shape and not log_scale.grad.any()
+    per_sample = vae_fast.vae_loss(recon, x, mu, logvar, likelihood=likelihood, log_scale=log_scale, reduction="none")
+    assert per_sample.shape == (0,)

@@ -269,10 +269,11 @@ void launch_loss(const LossArgs<scalar_t>& args, math::Likelihood likelihood, bo
 // The log_scale gradient's reduction to its shape, after the partials kernel: a total of the
 // per-item sums (one shared scale) or column sums of the per-element values (one per feature).
 template <typename scalar_t>
-void launch_log_scale_reduction(const LossArgs<scalar_t>& args, at::Tensor& grad_log_scale) {
+void launch_log_scale_reduction(const LossArgs<scalar_t>& args, bool shared_scale, at::Tensor& grad_log_scale) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto* out = grad_log_scale.mutable_data_ptr<scalar_t>();
-  if (args.grad_log_scale_partial) {
+  // Decided by the layout, not by a null pointer: an empty batch has empty (null) partials too.
+  if (shared_scale) {
     total_kernel<at::opmath_type<scalar_t>, scalar_t><<<1, kReduceThreads, 0, stream>>>(
         args.grad_log_scale_partial, args.batch * args.chunks_per_row, 1.0, out);
   } else {
@@ -351,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     launch_loss<scalar_t>(args, call.likelihood, logits, walk, red, partial, loss);
     if (reduce_total || reduce_columns) {
       at::Tensor grad_s = call.grad_log_scale;
-      launch_log_scale_reduction<scalar_t>(args, grad_s);
+      launch_log_scale_reduction<scalar_t>(args, reduce_total, grad_s);
     }
   });
   return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
