@@ -230,7 +230,7 @@ def test_bad_arguments(capsys, tmp_path):
 def test_bad_checkpoints(capsys, trained, tmp_path):
     _one_line_error(capsys, ["train", "--out", str(tmp_path), "--resume", str(tmp_path / "missing.pt"), *TINY], "does not exist")
     _one_line_error(capsys, ["train", "--out", str(tmp_path), "--resume", str(trained / "checkpoint.pt"), *TINY, "--latent-dim", "3"],
-                    "another configuration: latent_dim=2 (this run: 3)")
+                    "--latent-dim 3 differs from the 2 that")
     _one_line_error(capsys, ["eval", str(tmp_path / "missing.pt")], "does not exist")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     _one_line_error(capsys, ["sample", str(tmp_path / "junk.pt")], "could not be read")

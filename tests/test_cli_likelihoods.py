@@ -124,8 +124,8 @@ def test_resume_takes_the_model_settings_from_the_checkpoint(runs, tmp_path, cap
     contradicts the checkpoint is refused in one line."""
     checkpoint = str(runs / "conv-dequantized" / "checkpoint.pt")
     out = tmp_path / "more"
-    assert main(["train", "--out", str(out), "--resume", checkpoint, "--epochs", "2", "--latent-dim", "2", "--device", "cpu",
-                 "--quiet"]) == 0
+    # No --latent-dim either: the model's sizes come from the checkpoint too.
+    assert main(["train", "--out", str(out), "--resume", checkpoint, "--epochs", "2", "--device", "cpu", "--quiet"]) == 0
     resumed = load_checkpoint(out / "checkpoint.pt")
     assert resumed["epoch"] == 2 and resumed["model_config"]["model"] == "conv"
     assert {k: resumed["train_config"][k] for k in ("likelihood", "learn_scale", "dequantize")} == {
@@ -134,7 +134,8 @@ def test_resume_takes_the_model_settings_from_the_checkpoint(runs, tmp_path, cap
                            (["--learn-scale", "shared"], "--learn-scale shared differs from the feature"),
                            (["--model", "mlp"], "--model mlp differs from the conv"),
                            (["--channels", "4", "16"], "--channels 4 16 differs from the 4 8"),
-                           (["--no-dequantize"], "--dequantize False differs from the True")):
+                           (["--no-dequantize"], "--dequantize False differs from the True"),
+                           (["--latent-dim", "3"], "--latent-dim 3 differs from the 2")):
         assert main(["train", "--out", str(tmp_path / "x"), "--resume", checkpoint, *TINY, *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err

@@ -89,7 +89,7 @@ def _report_user_errors(command: str, run) -> int:
 _RUN_SETTINGS = {
     "beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0), "dequantize": ("--dequantize", False),
     "model": ("--model", "mlp"), "likelihood": ("--likelihood", "bernoulli"), "learn_scale": ("--learn-scale", "none"),
-    "channels": ("--channels", (32, 64)),
+    "channels": ("--channels", (32, 64)), "latent_dim": ("--latent-dim", 20), "hidden_dims": ("--hidden-dims", (400,)),
 }
 
 
@@ -101,7 +101,7 @@ def _settle_run_settings(args) -> None:
         saved = load_checkpoint(args.resume).get("train_config", {})
     for name, (flag, default) in _RUN_SETTINGS.items():
         given, stored = getattr(args, name), saved.get(name)
-        if isinstance(given, list) or isinstance(stored, list):  # --channels (argparse's list, the checkpoint's)
+        if isinstance(given, list) or isinstance(stored, list):  # --channels, --hidden-dims (argparse's lists, the checkpoint's)
             given, stored = (None if v is None else tuple(v) for v in (given, stored))
         if given is None:
             setattr(args, name, stored if stored is not None else default)
@@ -209,8 +209,9 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (taken from the checkpoint on --resume)")
-    train.add_argument("--latent-dim", type=int, default=20)
-    train.add_argument("--hidden-dims", type=int, nargs="+", default=[400], help="encoder hidden widths; the decoder mirrors them")
+    train.add_argument("--latent-dim", type=int, default=None, help="size of z; default 20, or the checkpoint's on --resume")
+    train.add_argument("--hidden-dims", type=int, nargs="+", default=None,
+                       help="--model mlp: encoder hidden widths, the decoder mirrors them; default 400, or the checkpoint's on --resume")
     train.add_argument("--beta", type=float, default=None, help="weight of the KL term (beta-VAE); default 1, or the checkpoint's on --resume")
     train.add_argument("--kl-warmup", type=float, default=None, metavar="EPOCHS",
                        help="ramp the KL weight from 0 to --beta over this many epochs; default 0, or the checkpoint's on --resume")
