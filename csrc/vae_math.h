@@ -137,17 +137,18 @@ VAE_HD LocationScaleTerm<T> poisoned(LocationScaleTerm<T> t, T u) {
 }
 
 // z = (x - m) / sigma; loss 0.5 z^2, d/dm = -z / sigma, d/ds = 1 - z^2. (z times r again rather
-// than (x - m) r^2: r^2 would overflow float32 for s < -44, r itself only for s < -88.)
+// than (x - m) r^2: r^2 would overflow float32 for s < -44, r itself only for s < -88.) The loss is
+// (0.5 z) z, halved before the product: z^2 overflows float32 for |z| > 1.84e19 while 0.5 z^2 fits
+// up to 2.6e19; z^2 is then 2 loss, the same bits as z * z (scaling by 2 is exact).
 template <typename T>
 VAE_HD LocationScaleTerm<T> gaussian_term(T m, T x, T r) {
   const T u = x - m;
   const T z = u * r;
-  const T z2 = z * z;
   LocationScaleTerm<T> t;
-  t.loss = T(0.5) * z2;
+  t.loss = (T(0.5) * z) * z;
   t.d_target = z * r;
   t.d_recon = T(0) - t.d_target;
-  t.d_log_scale = T(1) - z2;
+  t.d_log_scale = T(1) - (t.loss + t.loss);
   return poisoned(t, u);
 }
 
