@@ -90,7 +90,7 @@ def test_former_defects_stay_fixed(table):
     loss = vae_fast.vae_loss(r, x, zeros, zeros, logits=True)
     (grad,) = torch.autograd.grad(loss, [r])
     expected = torch.nn.functional.softplus(r.detach().double()).sum()
-    assert abs(float(loss) - float(expected)) <= 1e-6 * float(expected)
+    assert abs(loss.item() - float(expected)) <= 1e-6 * float(expected)
     torch.testing.assert_close(grad.double(), torch.sigmoid(r.detach().double()), rtol=1e-6, atol=0)
     z = 2.2e19  # z^2 = 4.8e38 > FLT_MAX, z^2 / 2 = 2.4e38 < FLT_MAX
     m = torch.zeros(1, 16)
@@ -100,13 +100,14 @@ def test_former_defects_stay_fixed(table):
     assert math.isfinite(float(loss)) and abs(float(loss) - expected) <= 1e-6 * expected
 
 
-def test_markdown_names_every_row_and_the_failures(table, results, tmp_path):
+def test_markdown_names_every_row(table, results, tmp_path):
     if any(isinstance(r, Exception) for r in results.values()):
         pytest.skip("needs both instruction sets")
     as_measured = {isa: {"isa": isa, "rows": list(rows.values())} for isa, rows in results.items()}
     text = table.to_markdown(as_measured, POINTS)
     assert "tiny = 2^-126" in text
     assert text.count("\n| ") == 1 + len(results["avx2"])  # header + one line per row
-    assert "`logits_loss` avx2 lanes: r=" in text
+    assert text.count(" | yes |") == len(results["avx2"])  # every row passes, and says so
+    assert "Rows that fail" not in text
     assert table.main(["--points", "8", "--out", str(tmp_path / "acc.md")]) == 0
     assert (tmp_path / "acc.md").read_text().startswith("# Accuracy of vae_fast")
