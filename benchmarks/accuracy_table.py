@@ -189,14 +189,14 @@ def bernoulli_probabilities(points: int, path: str) -> list[Quantity]:
                   "binary_cross_entropy; measured against the clamped formula there")
     sub = lambda labels_, s: {k: v[s] for k, v in labels_.items()}  # noqa: E731
     return [
-        Quantity("bce_log", "Cephes log (log_)", "x = 1: -max(log p, -100)", "p in [1e-45, 1] log-spaced, the floats next to 1, p = 0",
+        Quantity("bce_log", "Cephes log (log_prob_clamped_: AVX2 lanes specialized to p in [0, 1])", "x = 1: -max(log p, -100)", "p in [1e-45, 1] log-spaced, the floats next to 1, p = 0",
                  loss[ones], -log_p[ones], sub(labels, ones), note=clamp_note),
-        Quantity("bce_log1p", "Goldberg log1p (log1p_)", "x = 0: -max(log1p(-p), -100)", "p in [1e-45, 1] log-spaced, the floats next to 1, p = 1",
+        Quantity("bce_log1p", "Goldberg log1p (log1m_prob_clamped_: AVX2 lanes specialized to p in [0, 1])", "x = 0: -max(log1p(-p), -100)", "p in [1e-45, 1] log-spaced, the floats next to 1, p = 1",
                  loss[zeros], -log_1mp[zeros], sub(labels, zeros), note="p = 1: log1p(-1) clamped at -100 (loss 100)"),
         Quantity("bce_recip", "rcp + Newton reciprocal (recip_)", "d/dp = (p - x) / max(p (1 - p), 1e-12)", "same p, x in {0, 1}",
                  g["recon"][:, 0], (pd - xd) / (pd * (1 - pd)).clamp_min(DENOMINATOR_CLAMP), labels,
                  note="p (1 - p) < 1e-12: the denominator is clamped at 1e-12 as in torch's backward; measured against the clamped formula"),
-        Quantity("bce_dx", "log_ - log1p_", "d/dx = max(log1p(-p), -100) - max(log p, -100)", "same p, x in {0, 1}",
+        Quantity("bce_dx", "log1m_prob_clamped_ - log_prob_clamped_", "d/dx = max(log1p(-p), -100) - max(log p, -100)", "same p, x in {0, 1}",
                  g["x"][:, 0], d_target, labels, kappa=(log_1mp.abs() + log_p.abs()) / d_target.abs()),
     ]
 

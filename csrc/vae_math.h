@@ -64,6 +64,14 @@ VAE_HD S select_nonneg(S cond, S if_nonneg, S if_neg) { return cond >= S(0) ? if
 template <typename S>
 VAE_HD S sign_(S v) { return static_cast<S>((v > S(0)) - (v < S(0))); }
 
+// max(log p, -100) and max(log1p(-p), -100) for a probability p (binary_cross_entropy's clamp);
+// the AVX2 build replaces them with logarithms specialized to p in [0, 1] (a value outside, which
+// the loss refuses, may come out anything). NaN stays NaN.
+template <typename T>
+VAE_HD T log_prob_clamped_(T p) { return clamp_below(log_(p), T(-100)); }
+template <typename T>
+VAE_HD T log1m_prob_clamped_(T p) { return clamp_below(log1p_(-p), T(-100)); }
+
 // ---- Bernoulli reconstruction term, one element ----
 template <typename T>
 struct BceTerm {
@@ -76,9 +84,9 @@ struct BceTerm {
 // exactly as torch.nn.functional.binary_cross_entropy and its backward do.
 template <typename T>
 VAE_HD BceTerm<T> bce_from_probs(T p, T x) {
-  const T one(1), min_log(-100), min_denominator(1e-12);
-  const T log_p = clamp_below(log_(p), min_log);
-  const T log_1mp = clamp_below(log1p_(-p), min_log);
+  const T one(1), min_denominator(1e-12);
+  const T log_p = log_prob_clamped_(p);
+  const T log_1mp = log1m_prob_clamped_(p);
   BceTerm<T> t;
   t.loss = -(x * log_p + (one - x) * log_1mp);
   t.d_recon = (p - x) * recip_(clamp_below(p * (one - p), min_denominator));

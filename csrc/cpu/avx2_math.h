@@ -79,11 +79,10 @@ inline __m256 exp_nonpos(__m256 x) {
   return _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
 }
 
-inline __m256 log(__m256 x) {
-  // Denormals are scaled into the normal range first (their log is above the loss's -100 clamp).
-  const __m256 is_denormal = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
-  const __m256 xs = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), is_denormal);
-  const __m256 e_adjust = _mm256_and_ps(is_denormal, _mm256_set1_ps(-23.0f));
+// log(x) for a normal, finite, positive x, plus e_adjust (a whole number) times ln 2: the Cephes
+// polynomial on the mantissa in [sqrt(1/2), sqrt(2)), ln 2 split in two parts so that the exponent's
+// share is exact. No special values: the callers handle denormals, 0, inf and NaN as they need.
+inline __m256 log_normal(__m256 xs, __m256 e_adjust) {
   const __m256i bits = _mm256_castps_si256(xs);
   __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
   e = _mm256_add_ps(e, e_adjust);
@@ -100,11 +99,51 @@ inline __m256 log(__m256 x) {
   y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
   y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
   y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  __m256 result = _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(e, _mm256_set1_ps(0.693359375f)));
+  return _mm256_add_ps(_mm256_add_ps(m, y), _mm256_mul_ps(e, _mm256_set1_ps(0.693359375f)));
+}
+
+// Denormal x scaled by 2^23 into the normal range, with -23 for log_normal's e_adjust.
+inline __m256 scale_denormal(__m256 x, __m256& e_adjust) {
+  const __m256 is_denormal = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  e_adjust = _mm256_and_ps(is_denormal, _mm256_set1_ps(-23.0f));
+  return _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), is_denormal);
+}
+
+inline __m256 log(__m256 x) {
+  // Denormals are scaled into the normal range first (their log is above the loss's -100 clamp).
+  __m256 e_adjust;
+  const __m256 xs = scale_denormal(x, e_adjust);
+  __m256 result = log_normal(xs, e_adjust);
   result = _mm256_blendv_ps(result, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ));
   result = _mm256_blendv_ps(result, x, _mm256_cmp_ps(x, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
   // negative or NaN input: NaN
   return _mm256_blendv_ps(result, _mm256_set1_ps(NAN), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NGE_UQ));
+}
+
+// max(log p, -100) for a probability p in [0, 1] (NaN stays NaN; outside [0, 1], which the loss
+// refuses, anything): cheaper than log, whose zero and infinity cases the clamp makes moot. p below
+// the largest float under e^-100 is raised to it first (its log, -100.02, clamps as log(0) would).
+inline __m256 log_prob_clamped(__m256 p) {
+  const __m256 floor = _mm256_castsi256_ps(_mm256_set1_epi32(26));  // 26 * 2^-149 = 3.64e-44 < e^-100
+  const __m256 pc = _mm256_max_ps(p, floor);  // a NaN p gives the floor here...
+  __m256 e_adjust;
+  const __m256 xs = scale_denormal(pc, e_adjust);
+  const __m256 result = _mm256_max_ps(log_normal(xs, e_adjust), _mm256_set1_ps(-100.0f));
+  return _mm256_blendv_ps(result, p, _mm256_cmp_ps(p, p, _CMP_UNORD_Q));  // ...and gets its NaN back here
+}
+
+// max(log1p(-p), -100) for a probability p, as log_prob_clamped: u = 1 - p is exact for p >= 0.5
+// and in (0.5, 1] below, so never denormal; Goldberg's correction ((1 - u) - p) / u restores the
+// digits of a small p that 1 - p rounded away (the reciprocal's 2 ulp are far below them). p = 1
+// (u = 0) gives -100.
+inline __m256 log1m_prob_clamped(__m256 p) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 u = _mm256_sub_ps(one, p);
+  const __m256 u_safe = _mm256_max_ps(u, _mm256_set1_ps(1.17549435e-38f));
+  const __m256 correction = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(one, u), p), recip(u_safe));
+  __m256 result = _mm256_max_ps(_mm256_add_ps(log_normal(u_safe, _mm256_setzero_ps()), correction), _mm256_set1_ps(-100.0f));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(-100.0f), _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  return _mm256_blendv_ps(result, p, _mm256_cmp_ps(p, p, _CMP_UNORD_Q));
 }
 
 // log1p(v) = log(u) + (v - (u - 1)) / u with u = 1 + v rounded: the correction restores the digits
@@ -192,6 +231,8 @@ inline Vec<float> log1p_(const Vec<float>& v) { return Vec<float>(avx2_detail::l
 inline Vec<float> log1p_unit_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1p_unit(v)); }
 inline Vec<float> exp_nonpos_(const Vec<float>& v) { return Vec<float>(avx2_detail::exp_nonpos(v)); }
 inline Vec<float> recip_(const Vec<float>& v) { return Vec<float>(avx2_detail::recip(v)); }
+inline Vec<float> log_prob_clamped_(const Vec<float>& v) { return Vec<float>(avx2_detail::log_prob_clamped(v)); }
+inline Vec<float> log1m_prob_clamped_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1m_prob_clamped(v)); }
 
 }  // namespace VAE_FAST_ISA
 }  // namespace math
