@@ -8,6 +8,8 @@ other processes on the machine hit all variants alike; an epoch's time is the su
 steps (forward, loss, backward, optimizer step), and the speedup is the ratio of median epoch
 times. Batches are slices of an in-memory tensor, identical for all variants (data loading,
 the same for all, is left out).
+One more variant is not a drop-in: the step `vae-fast train` runs (`vae_fast.train_step.TrainStep`
+on `vae_fast.training.NegativeElbo`, the same code as the command), from the same weights.
 On a GPU each step ends in a synchronization, as the example's loop does (its `loss.item()`), and
 two more variants run: the whole step (forward, loss, backward, Adam) of vae_fast and of the example
 captured in a CUDA graph and replayed, one launch per step: the strongest baseline a GPU user has
@@ -34,11 +36,15 @@ import torch
 import vae_fast
 from vae_fast import VAE
 from vae_fast.baselines import ExampleVAE, example_loss_function
+from vae_fast.captured_step import CapturedStep
+from vae_fast.train_step import TrainStep, make_optimizer
+from vae_fast.training import NegativeElbo
 from vae_fast.cli import _positive_ints as positive_ints
 from vae_fast.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE, LR = 128, 1e-3
+TRAIN_COMMAND = "vae-fast train's step (TrainStep: logits, fused loss, fused Adam)"
 
 
 def _vae_from_example(example: ExampleVAE) -> VAE:
@@ -82,58 +88,23 @@ class EagerStep:
         self.optimizer.step()
 
 
-class CapturedStep:
-    """The whole step replayed from a CUDA graph (PyTorch's "whole network capture"): one graph per
-    batch shape, since an epoch's last batch is smaller. Capturing runs a few warm-up steps; the
-    model's weights and Adam's state are put back afterwards, so the captured variant trains on
-    exactly the same steps as the others."""
+def _captured(loss_of_batch, model) -> CapturedStep:
+    """The whole step replayed from a CUDA graph, with the example's Adam made capturable."""
+    return CapturedStep(loss_of_batch, torch.optim.Adam(model.parameters(), lr=LR, capturable=True))
 
-    WARMUP_STEPS = 3
 
-    def __init__(self, loss_of_batch, model):
-        self.loss_of_batch = loss_of_batch
-        self.params = list(model.parameters())
-        # capturable=True keeps Adam's step count on the device, so no host sync inside the graph.
-        self.optimizer = torch.optim.Adam(self.params, lr=LR, capturable=True)
-        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+class TrainCommandStep:
+    """The step `vae-fast train` runs (vae_fast.train_step.TrainStep: the model's logits path and
+    the fused loss through training.NegativeElbo, the fused Adam called directly, the batch's
+    [loss, KL] kept on the device), with its per-step bookkeeping: the loop reads the rows once
+    per epoch, outside the timed steps (a few microseconds)."""
 
-    def _step(self, x):
-        self.loss_of_batch(x).backward()
-        self.optimizer.step()
-
-    def _capture(self, x):
-        saved_params = [p.detach().clone() for p in self.params]
-        saved_state = {id(t): t.clone() for state in self.optimizer.state.values() for t in state.values()
-                       if torch.is_tensor(t)}
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_STEPS):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._step(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._step(static_x)
-        # In place, so the graph keeps pointing at the same tensors; state Adam created while warming
-        # up did not exist before: zero is its fresh value.
-        with torch.no_grad():
-            for param, saved in zip(self.params, saved_params):
-                param.copy_(saved)
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
-        return static_x, graph
+    def __init__(self, _loss_of_batch, model):
+        self.step = TrainStep(NegativeElbo(model), make_optimizer(model.parameters(), LR))
+        self.rows: list[torch.Tensor] = []
 
     def __call__(self, x):
-        if x.shape not in self.graphs:
-            self.graphs[x.shape] = self._capture(x)
-        static_x, graph = self.graphs[x.shape]
-        static_x.copy_(x)
-        graph.replay()
+        self.rows.append(self.step(x, 1.0))
 
 
 def _timed_step(step, x) -> float:
@@ -159,11 +130,12 @@ def _variants(device: torch.device) -> dict:
     drop_in, logits_path = _vae_from_example(example).to(device), _vae_from_example(example).to(device)
     variants["vae_fast.VAE + vae_fast.loss_function (drop-in)"] = (drop_in, EagerStep)
     variants["vae_fast.VAE.forward_logits + vae_loss(logits=True)"] = (logits_path, EagerStep)
+    variants[TRAIN_COMMAND] = (_vae_from_example(example).to(device), TrainCommandStep)
     if device.type == "cuda":
         captured_example = ExampleVAE().to(device)
         captured_example.load_state_dict(example.state_dict())
-        variants["example, whole step captured in a CUDA graph"] = (captured_example, CapturedStep)
-        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), CapturedStep)
+        variants["example, whole step captured in a CUDA graph"] = (captured_example, _captured)
+        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), _captured)
     loss_of_batch = {
         name: _step_logits(model) if "forward_logits" in name
         else _step_drop_in(model, example_loss_function if isinstance(model, ExampleVAE) else vae_fast.loss_function)
