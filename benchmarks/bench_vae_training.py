@@ -144,7 +144,10 @@ def _variants(device: torch.device) -> dict:
     return {name: (model, step_class(loss_of_batch[name], model)) for name, (model, step_class) in variants.items()}
 
 
-def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batch_size: int = BATCH_SIZE) -> dict:
+def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batch_size: int = BATCH_SIZE, chunk: int = 1) -> dict:
+    """`chunk` steps of one variant run back to back before the next variant's: 1 interleaves step
+    by step; more lets each variant find its weights and Adam state in the cache, as in a training
+    loop that runs alone (four variants' ~10 MB each do not fit a 32 MB L3 together)."""
     device = torch.device(device)
     data = load_dataset("mnist", data_dir=data_dir, seed=seed, download_url=None)
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
@@ -158,15 +161,47 @@ def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batc
         batches = [train_x[i] for i in order.split(batch_size)]
         for name in names:
             times[name].append(0.0)
-        for index, x in enumerate(batches):
+        for index, start in enumerate(range(0, len(batches), chunk)):
             for name in names[index % len(names):] + names[: index % len(names)]:
-                times[name][-1] += _timed_step(variants[name][1], x)
+                for x in batches[start:start + chunk]:
+                    times[name][-1] += _timed_step(variants[name][1], x)
         eps = torch.randn(len(test_x), 20, generator=torch.Generator().manual_seed(seed + 2000 + epoch)).to(device)
         for name in names:
             losses[name].append(_held_out_loss(variants[name][0], test_x, eps))
         print(f"epoch {epoch + 1}: " + ", ".join(f"{times[n][-1]:.3f}s/{losses[n][-1]:.2f}" for n in names), flush=True)
     return {"times": times, "losses": losses, "epochs": epochs, "train": len(train_x), "test": len(test_x),
-            "device": device, "batch_size": batch_size}
+            "device": device, "batch_size": batch_size, "chunk": chunk}
+
+
+MATMULS = ("aten::mm", "aten::addmm")
+ADAM_SCOPE, ADAM_KERNELS = "Optimizer.step#Adam.step", ("aten::_fused_adam_", "aten::_foreach_add_")
+
+
+def profile(data_dir: Path, *, device: str = "cpu", batch_size: int = BATCH_SIZE, steps: int = 60) -> str:
+    """Where each variant's step goes: `steps` steps of each variant alone (after as many unprofiled
+    ones) under torch.autograd.profiler's legacy profiler (Kineto's slowed every op ~30x on this
+    machine), as shares of the profiled CPU time: the matrix multiplies (mm, addmm), Adam (the
+    `Optimizer.step` scope, or the fused kernel called directly), and the rest (elementwise ops, the
+    loss, autograd and Python). CPU only."""
+    from torch.autograd import profiler
+
+    data = load_dataset("mnist", data_dir=data_dir, seed=0, download_url=None)
+    batches = data.train_x.split(batch_size)[: 2 * steps]
+    torch.manual_seed(0)
+    lines = ["| variant | ms per step (unprofiled) | matmuls | Adam | rest |", "|---|---:|---:|---:|---:|"]
+    for name, (_, step) in _variants(torch.device(device)).items():
+        timed = [_timed_step(step, x) for x in batches[:steps]]
+        with profiler.profile(use_kineto=False) as prof:
+            for x in batches[steps:]:
+                step(x)
+        events = {e.key: e for e in prof.key_averages()}
+        total = sum(e.self_cpu_time_total for e in events.values())
+        matmul = sum(events[k].self_cpu_time_total for k in MATMULS if k in events)
+        adam = (events[ADAM_SCOPE].cpu_time_total if ADAM_SCOPE in events
+                else sum(events[k].self_cpu_time_total for k in ADAM_KERNELS if k in events))
+        lines.append(f"| {name} | {1e3 * statistics.median(timed):.2f} | {100 * matmul / total:.0f}% | {100 * adam / total:.0f}% "
+                     f"| {100 * (total - matmul - adam) / total:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_name() -> str:
@@ -189,11 +224,14 @@ def report(result: dict) -> str:
     baseline = statistics.median(result["times"][names[0]])
     baseline_min = min(result["times"][names[0]])
     baseline_loss = result["losses"][names[0]][-1]
+    interleaving = "one by one" if result["chunk"] == 1 else f"in runs of {result['chunk']} steps"
     lines = [
         f"## Batch {result['batch_size']}",
         "",
         f"Data: MNIST test files, {result['train']} train / {result['test']} held out; batch {result['batch_size']}, "
-        f"Adam lr {LR}; {result['epochs']} epochs, the variants' steps interleaved; epoch time = sum of its steps.",
+        f"Adam lr {LR}; {result['epochs']} epochs, the variants' steps interleaved "
+        f"{interleaving}; "
+        "epoch time = sum of its steps.",
         "",
         "| variant | median epoch (s) | speedup | fastest epoch (s) | speedup | held-out loss after last epoch (nats/image) | vs example |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -229,15 +267,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), default=(BATCH_SIZE,), help="e.g. 128,1024")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="steps each variant runs back to back before the next one's (1: step by step)")
+    parser.add_argument("--profile", action="store_true", help="also profile each variant's step (CPU): matmul, Adam, rest")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device here")
-    sections = [report(run(args.epochs, args.data_dir, device=device, batch_size=size)) for size in args.batch_sizes]
+    if args.profile and device.type != "cpu":
+        parser.error("--profile profiles the CPU step; on a GPU use benchmarks/cuda_profile.py")
+    sections = [report(run(args.epochs, args.data_dir, device=device, batch_size=size, chunk=args.chunk)) for size in args.batch_sizes]
+    if args.profile:
+        sections += [f"## Where a step goes, batch {size}\n\n{profile(args.data_dir, batch_size=size)}" for size in args.batch_sizes]
     table = header(device) + "\n".join(sections)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vae_training-{device.type}-{datetime.date.today().isoformat()}.md"
+    suffix = "" if args.chunk == 1 else f"-chunk{args.chunk}"
+    path = args.out / f"vae_training-{device.type}-{datetime.date.today().isoformat()}{suffix}.md"
     path.write_text(table)
     print(f"written to {path}")
 
