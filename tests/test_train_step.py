@@ -166,3 +166,18 @@ def test_cuda_graph_is_refused_under_torchrun(tmp_path, monkeypatch):
 def test_cpu_runs_record_that_no_graph_was_used(tmp_path):
     train(_config(tmp_path, epochs=1), _toy())
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["cuda_graph"] is False
+
+
+def test_the_kl_metric_matches_the_reference_and_keeps_near_prior_precision():
+    from vae_fast import reference
+    from vae_fast.training import _kl_sum
+
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    expected = reference.kl_divergence(mu.double(), logvar.double()).sum()
+    torch.testing.assert_close(_kl_sum(mu, logvar), expected.float(), rtol=1e-6, atol=0)
+    # A posterior at the prior but for 1e-4: KL ~ 1e-8 per dimension, which 1 + logvar - exp(logvar)
+    # in float32 loses entirely (the reference gives 0 there); expm1 keeps it to 1e-3.
+    near = torch.full((64, 8), 1e-4)
+    exact = reference.kl_divergence(near.double(), near.double()).sum()
+    torch.testing.assert_close(_kl_sum(near, near).double(), exact, rtol=1e-3, atol=0)

@@ -102,6 +102,7 @@ class TrainStep:
         self.objective = torch.compile(objective) if compile else objective
         self.optimizer = optimizer
         self.adam = FusedAdamStep(optimizer)
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scale = world
         self._compiled = compile
         self._beta: torch.Tensor | None = None
@@ -119,7 +120,8 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, beta: float) -> torch.Tensor:
         with self._autocast():
             loss, kl = self.objective(x, self._beta_argument(beta))
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in self._params:  # optimizer.zero_grad(set_to_none=True) without its hooks and grouping
+            p.grad = None
         (loss * self.scale if self.scale != 1 else loss).backward()
         self.adam()
         return torch.stack((loss.detach(), kl)).float()

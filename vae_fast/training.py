@@ -194,6 +194,15 @@ class TrainConfig:
                              f"{tuple(data.image_shape)} (tabular); use --model mlp")
 
 
+def _kl_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over the batch, for the metrics: 0.5 * sum(mu^2 + expm1(logvar)
+    - logvar), the reference's formula in fewer ops (six instead of ten, a few percent of a small CPU
+    step); expm1 keeps the precision of near-prior dimensions. float32 (float64 for float64)."""
+    dtype = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    mu, logvar = mu.to(dtype), logvar.to(dtype)
+    return (torch.expm1(logvar) - logvar).add_(mu.square()).sum().mul_(0.5)
+
+
 class NegativeElbo(nn.Module):
     """The training objective as a module, so that DistributedDataParallel wraps it (DDP only
     synchronises gradients of what runs through its forward). Returns the summed loss of the batch
@@ -213,7 +222,7 @@ class NegativeElbo(nn.Module):
             recon = vae_loss(output, x, mu, logvar, beta=0.0, **self.model.loss_kwargs())
             return recon + beta * kl, kl.detach()
         loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
-        return loss, reference.kl_divergence(mu.detach(), logvar.detach()).sum()
+        return loss, _kl_sum(mu.detach(), logvar.detach())
 
 
 def build_model(config: TrainConfig, data: Dataset) -> VAE:
