@@ -131,3 +131,18 @@ def test_graph_training_resumes_exactly(tmp_path, monkeypatch):
     assert (saved["epoch"], saved["step"]) == (1, 2)
     train(replace(mid, resume=str(tmp_path / "mid" / "checkpoint.pt")), _toy())
     _same_run(load_checkpoint(tmp_path / "mid" / "checkpoint.pt"), reference)
+
+
+@requires_cuda
+def test_a_resumed_run_keeps_how_its_checkpoint_was_trained(tmp_path):
+    """Left unset, --cuda-graph follows the checkpoint: an eager CUDA run resumes eagerly (its Adam
+    is not capturable), and so does a checkpoint from before the setting existed."""
+    eager = _config(tmp_path, out=str(tmp_path / "eager"), cuda_graph=False, **{**GRAPH, "epochs": 1})
+    train(eager, _toy())
+    train(replace(eager, epochs=2, cuda_graph=None, resume=str(tmp_path / "eager" / "checkpoint.pt")), _toy())
+    assert load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["train_config"]["cuda_graph"] is False
+    old = load_checkpoint(tmp_path / "eager" / "checkpoint.pt")
+    del old["train_config"]["cuda_graph"]
+    torch.save(old, tmp_path / "old.pt")
+    train(replace(eager, out=str(tmp_path / "old"), epochs=3, cuda_graph=None, resume=str(tmp_path / "old.pt")), _toy())
+    assert load_checkpoint(tmp_path / "old" / "checkpoint.pt")["train_config"]["cuda_graph"] is False

@@ -368,8 +368,6 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     rank, world, device = _distributed_setup(config.device)
     if config.cuda_graph and world > 1:
         raise ValueError(f"--cuda-graph runs in one process; this run has {world} (torchrun): drop --cuda-graph")
-    # Resolved here and recorded in the checkpoints' train_config, which a resumed run follows.
-    config = replace(config, cuda_graph=device.type == "cuda" and world == 1 if config.cuda_graph is None else config.cuda_graph)
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
@@ -380,6 +378,12 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    checkpoint = load_checkpoint(config.resume, map_location=device) if config.resume else None
+    if config.cuda_graph is None:
+        # On for one CUDA process; a resumed run goes on as its checkpoint was trained (eagerly if
+        # it predates the setting). Recorded in the checkpoints' train_config.
+        fresh = device.type == "cuda" and world == 1
+        config = replace(config, cuda_graph=checkpoint["train_config"].get("cuda_graph", False) if checkpoint else fresh)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, data).to(device)
     optimizer = make_optimizer(model.parameters(), config.lr, capturable=config.cuda_graph)
@@ -391,8 +395,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     start_step, partial_epoch = 0, None
     # (path, position) of the newest checkpoint known to be good, named when training diverges.
     last_good: tuple[Path, str] | None = None
-    if config.resume:
-        checkpoint = load_checkpoint(config.resume, map_location=device)
+    if checkpoint is not None:
         _check_resumable(checkpoint, config, model, data)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
