@@ -178,19 +178,21 @@ ADAM_SCOPE, ADAM_KERNELS = "Optimizer.step#Adam.step", ("aten::_fused_adam_", "a
 
 
 def profile(data_dir: Path, *, device: str = "cpu", batch_size: int = BATCH_SIZE, steps: int = 60) -> str:
-    """Where each variant's step goes: `steps` steps of each variant alone (after as many unprofiled
-    ones) under torch.autograd.profiler's legacy profiler (Kineto's slowed every op ~30x on this
+    """Where each variant's step goes: `steps` steps of each variant alone, after as many unprofiled
+    ones, under torch.autograd.profiler's legacy profiler (Kineto's slowed every op ~30x on this
     machine), as shares of the profiled CPU time: the matrix multiplies (mm, addmm), Adam (the
     `Optimizer.step` scope, or the fused kernel called directly), and the rest (elementwise ops, the
-    loss, autograd and Python). CPU only."""
+    loss, autograd and Python). Shares only: the variants run one after the other here, so their
+    times would not compare under a changing load. CPU only."""
     from torch.autograd import profiler
 
     data = load_dataset("mnist", data_dir=data_dir, seed=0, download_url=None)
     batches = data.train_x.split(batch_size)[: 2 * steps]
     torch.manual_seed(0)
-    lines = ["| variant | ms per step (unprofiled) | matmuls | Adam | rest |", "|---|---:|---:|---:|---:|"]
+    lines = ["| variant | matmuls | Adam | rest |", "|---|---:|---:|---:|"]
     for name, (_, step) in _variants(torch.device(device)).items():
-        timed = [_timed_step(step, x) for x in batches[:steps]]
+        for x in batches[:steps]:  # Adam's state created, allocator warmed up
+            step(x)
         with profiler.profile(use_kineto=False) as prof:
             for x in batches[steps:]:
                 step(x)
@@ -199,7 +201,7 @@ def profile(data_dir: Path, *, device: str = "cpu", batch_size: int = BATCH_SIZE
         matmul = sum(events[k].self_cpu_time_total for k in MATMULS if k in events)
         adam = (events[ADAM_SCOPE].cpu_time_total if ADAM_SCOPE in events
                 else sum(events[k].self_cpu_time_total for k in ADAM_KERNELS if k in events))
-        lines.append(f"| {name} | {1e3 * statistics.median(timed):.2f} | {100 * matmul / total:.0f}% | {100 * adam / total:.0f}% "
+        lines.append(f"| {name} | {100 * matmul / total:.0f}% | {100 * adam / total:.0f}% "
                      f"| {100 * (total - matmul - adam) / total:.0f}% |")
     return "\n".join(lines) + "\n"
 
