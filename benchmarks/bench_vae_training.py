@@ -8,6 +8,8 @@ other processes on the machine hit all variants alike; an epoch's time is the su
 steps (forward, loss, backward, optimizer step), and the speedup is the ratio of median epoch
 times. Batches are slices of an in-memory tensor, identical for all variants (data loading,
 the same for all, is left out).
+One more variant is not a drop-in: the step `vae-fast train` runs (`vae_fast.train_step.TrainStep`
+on `vae_fast.training.NegativeElbo`, the same code as the command), from the same weights.
 On a GPU each step ends in a synchronization, as the example's loop does (its `loss.item()`), and
 two more variants run: the whole step (forward, loss, backward, Adam) of vae_fast and of the example
 captured in a CUDA graph and replayed, one launch per step: the strongest baseline a GPU user has
@@ -34,11 +36,15 @@ import torch
 import vae_fast
 from vae_fast import VAE
 from vae_fast.baselines import ExampleVAE, example_loss_function
+from vae_fast.captured_step import CapturedStep
+from vae_fast.train_step import TrainStep, make_optimizer
+from vae_fast.training import NegativeElbo
 from vae_fast.cli import _positive_ints as positive_ints
 from vae_fast.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE, LR = 128, 1e-3
+TRAIN_COMMAND = "vae-fast train's step (TrainStep: logits, fused loss, fused Adam)"
 
 
 def _vae_from_example(example: ExampleVAE) -> VAE:
@@ -82,58 +88,23 @@ class EagerStep:
         self.optimizer.step()
 
 
-class CapturedStep:
-    """The whole step replayed from a CUDA graph (PyTorch's "whole network capture"): one graph per
-    batch shape, since an epoch's last batch is smaller. Capturing runs a few warm-up steps; the
-    model's weights and Adam's state are put back afterwards, so the captured variant trains on
-    exactly the same steps as the others."""
+def _captured(loss_of_batch, model) -> CapturedStep:
+    """The whole step replayed from a CUDA graph, with the example's Adam made capturable."""
+    return CapturedStep(loss_of_batch, torch.optim.Adam(model.parameters(), lr=LR, capturable=True))
 
-    WARMUP_STEPS = 3
 
-    def __init__(self, loss_of_batch, model):
-        self.loss_of_batch = loss_of_batch
-        self.params = list(model.parameters())
-        # capturable=True keeps Adam's step count on the device, so no host sync inside the graph.
-        self.optimizer = torch.optim.Adam(self.params, lr=LR, capturable=True)
-        self.graphs: dict[tuple[int, ...], tuple[torch.Tensor, torch.cuda.CUDAGraph]] = {}
+class TrainCommandStep:
+    """The step `vae-fast train` runs (vae_fast.train_step.TrainStep: the model's logits path and
+    the fused loss through training.NegativeElbo, the fused Adam called directly, the batch's
+    [loss, KL] kept on the device), with its per-step bookkeeping: the loop reads the rows once
+    per epoch, outside the timed steps (a few microseconds)."""
 
-    def _step(self, x):
-        self.loss_of_batch(x).backward()
-        self.optimizer.step()
-
-    def _capture(self, x):
-        saved_params = [p.detach().clone() for p in self.params]
-        saved_state = {id(t): t.clone() for state in self.optimizer.state.values() for t in state.values()
-                       if torch.is_tensor(t)}
-        static_x = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_STEPS):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._step(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._step(static_x)
-        # In place, so the graph keeps pointing at the same tensors; state Adam created while warming
-        # up did not exist before: zero is its fresh value.
-        with torch.no_grad():
-            for param, saved in zip(self.params, saved_params):
-                param.copy_(saved)
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
-        return static_x, graph
+    def __init__(self, _loss_of_batch, model):
+        self.step = TrainStep(NegativeElbo(model), make_optimizer(model.parameters(), LR))
+        self.rows: list[torch.Tensor] = []
 
     def __call__(self, x):
-        if x.shape not in self.graphs:
-            self.graphs[x.shape] = self._capture(x)
-        static_x, graph = self.graphs[x.shape]
-        static_x.copy_(x)
-        graph.replay()
+        self.rows.append(self.step(x, 1.0))
 
 
 def _timed_step(step, x) -> float:
@@ -159,11 +130,12 @@ def _variants(device: torch.device) -> dict:
     drop_in, logits_path = _vae_from_example(example).to(device), _vae_from_example(example).to(device)
     variants["vae_fast.VAE + vae_fast.loss_function (drop-in)"] = (drop_in, EagerStep)
     variants["vae_fast.VAE.forward_logits + vae_loss(logits=True)"] = (logits_path, EagerStep)
+    variants[TRAIN_COMMAND] = (_vae_from_example(example).to(device), TrainCommandStep)
     if device.type == "cuda":
         captured_example = ExampleVAE().to(device)
         captured_example.load_state_dict(example.state_dict())
-        variants["example, whole step captured in a CUDA graph"] = (captured_example, CapturedStep)
-        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), CapturedStep)
+        variants["example, whole step captured in a CUDA graph"] = (captured_example, _captured)
+        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), _captured)
     loss_of_batch = {
         name: _step_logits(model) if "forward_logits" in name
         else _step_drop_in(model, example_loss_function if isinstance(model, ExampleVAE) else vae_fast.loss_function)
@@ -172,7 +144,10 @@ def _variants(device: torch.device) -> dict:
     return {name: (model, step_class(loss_of_batch[name], model)) for name, (model, step_class) in variants.items()}
 
 
-def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batch_size: int = BATCH_SIZE) -> dict:
+def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batch_size: int = BATCH_SIZE, chunk: int = 1) -> dict:
+    """`chunk` steps of one variant run back to back before the next variant's: 1 interleaves step
+    by step; more lets each variant find its weights and Adam state in the cache, as in a training
+    loop that runs alone (four variants' ~10 MB each do not fit a 32 MB L3 together)."""
     device = torch.device(device)
     data = load_dataset("mnist", data_dir=data_dir, seed=seed, download_url=None)
     train_x, test_x = data.train_x.to(device), data.test_x.to(device)
@@ -186,15 +161,49 @@ def run(epochs: int, data_dir: Path, seed: int = 0, *, device: str = "cpu", batc
         batches = [train_x[i] for i in order.split(batch_size)]
         for name in names:
             times[name].append(0.0)
-        for index, x in enumerate(batches):
+        for index, start in enumerate(range(0, len(batches), chunk)):
             for name in names[index % len(names):] + names[: index % len(names)]:
-                times[name][-1] += _timed_step(variants[name][1], x)
+                for x in batches[start:start + chunk]:
+                    times[name][-1] += _timed_step(variants[name][1], x)
         eps = torch.randn(len(test_x), 20, generator=torch.Generator().manual_seed(seed + 2000 + epoch)).to(device)
         for name in names:
             losses[name].append(_held_out_loss(variants[name][0], test_x, eps))
         print(f"epoch {epoch + 1}: " + ", ".join(f"{times[n][-1]:.3f}s/{losses[n][-1]:.2f}" for n in names), flush=True)
     return {"times": times, "losses": losses, "epochs": epochs, "train": len(train_x), "test": len(test_x),
-            "device": device, "batch_size": batch_size}
+            "device": device, "batch_size": batch_size, "chunk": chunk}
+
+
+MATMULS = ("aten::mm", "aten::addmm")
+ADAM_SCOPE, ADAM_KERNELS = "Optimizer.step#Adam.step", ("aten::_fused_adam_", "aten::_foreach_add_")
+
+
+def profile(data_dir: Path, *, device: str = "cpu", batch_size: int = BATCH_SIZE, steps: int = 60) -> str:
+    """Where each variant's step goes: `steps` steps of each variant alone, after as many unprofiled
+    ones, under torch.autograd.profiler's legacy profiler (Kineto's slowed every op ~30x on this
+    machine), as shares of the profiled CPU time: the matrix multiplies (mm, addmm), Adam (the
+    `Optimizer.step` scope, or the fused kernel called directly), and the rest (elementwise ops, the
+    loss, autograd and Python). Shares only: the variants run one after the other here, so their
+    times would not compare under a changing load. CPU only."""
+    from torch.autograd import profiler
+
+    data = load_dataset("mnist", data_dir=data_dir, seed=0, download_url=None)
+    batches = data.train_x.split(batch_size)[: 2 * steps]
+    torch.manual_seed(0)
+    lines = ["| variant | matmuls | Adam | rest |", "|---|---:|---:|---:|"]
+    for name, (_, step) in _variants(torch.device(device)).items():
+        for x in batches[:steps]:  # Adam's state created, allocator warmed up
+            step(x)
+        with profiler.profile(use_kineto=False) as prof:
+            for x in batches[steps:]:
+                step(x)
+        events = {e.key: e for e in prof.key_averages()}
+        total = sum(e.self_cpu_time_total for e in events.values())
+        matmul = sum(events[k].self_cpu_time_total for k in MATMULS if k in events)
+        adam = (events[ADAM_SCOPE].cpu_time_total if ADAM_SCOPE in events
+                else sum(events[k].self_cpu_time_total for k in ADAM_KERNELS if k in events))
+        lines.append(f"| {name} | {100 * matmul / total:.0f}% | {100 * adam / total:.0f}% "
+                     f"| {100 * (total - matmul - adam) / total:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def _cpu_name() -> str:
@@ -217,11 +226,14 @@ def report(result: dict) -> str:
     baseline = statistics.median(result["times"][names[0]])
     baseline_min = min(result["times"][names[0]])
     baseline_loss = result["losses"][names[0]][-1]
+    interleaving = "one by one" if result["chunk"] == 1 else f"in runs of {result['chunk']} steps"
     lines = [
         f"## Batch {result['batch_size']}",
         "",
         f"Data: MNIST test files, {result['train']} train / {result['test']} held out; batch {result['batch_size']}, "
-        f"Adam lr {LR}; {result['epochs']} epochs, the variants' steps interleaved; epoch time = sum of its steps.",
+        f"Adam lr {LR}; {result['epochs']} epochs, the variants' steps interleaved "
+        f"{interleaving}; "
+        "epoch time = sum of its steps.",
         "",
         "| variant | median epoch (s) | speedup | fastest epoch (s) | speedup | held-out loss after last epoch (nats/image) | vs example |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -257,15 +269,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch-sizes", type=positive_ints("--batch-sizes"), default=(BATCH_SIZE,), help="e.g. 128,1024")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="steps each variant runs back to back before the next one's (1: step by step)")
+    parser.add_argument("--profile", action="store_true", help="also profile each variant's step (CPU): matmul, Adam, rest")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device here")
-    sections = [report(run(args.epochs, args.data_dir, device=device, batch_size=size)) for size in args.batch_sizes]
+    if args.profile and device.type != "cpu":
+        parser.error("--profile profiles the CPU step; on a GPU use benchmarks/cuda_profile.py")
+    sections = [report(run(args.epochs, args.data_dir, device=device, batch_size=size, chunk=args.chunk)) for size in args.batch_sizes]
+    if args.profile:
+        sections += [f"## Where a step goes, batch {size}\n\n{profile(args.data_dir, batch_size=size)}" for size in args.batch_sizes]
     table = header(device) + "\n".join(sections)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"vae_training-{device.type}-{datetime.date.today().isoformat()}.md"
+    suffix = "" if args.chunk == 1 else f"-chunk{args.chunk}"
+    path = args.out / f"vae_training-{device.type}-{datetime.date.today().isoformat()}{suffix}.md"
     path.write_text(table)
     print(f"written to {path}")
 

@@ -327,3 +327,29 @@ def test_a_bad_checkpoint_resumed_from_is_not_called_good(capsys, tmp_path):
                                      "--epochs", "2", *ONE_STEP_EPOCHS])
     assert "loss became nan at epoch 2, step 1" in err, err
     assert "no good checkpoint was written" in err and "last good checkpoint is" not in err, err
+
+
+def test_step_settings_come_from_the_checkpoint_and_are_defended(capsys, tmp_path):
+    """--bf16 (like --compile and --cuda-graph) changes the arithmetic: `--resume` alone keeps the
+    checkpoint's, a contradicting flag is refused; a checkpoint from before the settings existed
+    resumes as what it was, float32 without a graph."""
+    run = ["--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet", "--batch-size", "512"]
+    out = tmp_path / "bf16"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--bf16", *run]) == 0
+    assert main(["train", "--out", str(out), "--epochs", "2", "--resume", str(out / "checkpoint.pt"), *run]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["train_config"]["bf16"] is True
+    _one_line_error(capsys, ["train", "--out", str(tmp_path / "x"), "--epochs", "3", "--resume", str(out / "checkpoint.pt"),
+                             "--no-bf16", *run], "--bf16 False differs from the True that")
+    old = load_checkpoint(out / "checkpoint.pt")
+    for key in ("compile", "bf16", "cuda_graph"):
+        del old["train_config"][key]
+    torch.save(old, tmp_path / "old.pt")
+    _one_line_error(capsys, ["train", "--out", str(tmp_path / "x"), "--epochs", "3", "--resume", str(tmp_path / "old.pt"),
+                             "--cuda-graph", *run], "--cuda-graph True differs from the False that")
+    assert main(["train", "--out", str(tmp_path / "y"), "--epochs", "3", "--resume", str(tmp_path / "old.pt"), *run]) == 0
+    assert load_checkpoint(tmp_path / "y" / "checkpoint.pt")["train_config"]["bf16"] is False
+
+
+def test_cuda_graph_on_the_cpu_is_a_one_line_error(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--cuda-graph"],
+                    "--cuda-graph replays the training step from a CUDA graph: it needs --device cuda, got --device cpu")

@@ -311,38 +311,3 @@ def test_autocast_on_cuda_gives_the_loss_of_the_promoted_inputs(dtype):
     ref, ref_grads = loss_and_grads(reference.vae_loss, [t.double() for t in same_inputs])
     assert relative_error(loss, ref) <= TOLERANCE[torch.float32]
     assert relative_error(grads[0], ref_grads[0]) <= TOLERANCE[torch.float32]
-
-
-def _training_benchmark_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vae_training.py"
-    spec = importlib.util.spec_from_file_location("bench_vae_training", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@requires_cuda
-def test_captured_training_step_starts_from_the_same_weights_and_trains():
-    """Capturing warms up with real steps; the benchmark's captured variant must put the weights and
-    Adam's state back, or it would train on more steps than the variants it is compared with."""
-    bench = _training_benchmark_module()
-    torch.manual_seed(0)
-    model = vae_fast.VAE().cuda()
-    before = [p.detach().clone() for p in model.parameters()]
-    step = bench.CapturedStep(bench._step_drop_in(model, vae_fast.loss_function), model)
-    x = torch.rand(64, 784, device="cuda")
-    step._capture(x)  # capture alone, no step
-    torch.cuda.synchronize()
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert all(state["step"].item() == 0 and not state["exp_avg"].any() for state in step.optimizer.state.values())
-    losses = []
-    for _ in range(20):
-        step(x)  # the first call captures again (a new shape key), then replays
-        with torch.no_grad():
-            recon, mu, logvar = model(x)
-            losses.append(vae_fast.loss_function(recon, x, mu, logvar).item())
-    assert all(s["step"].item() == 20 for s in step.optimizer.state.values())
-    assert losses[-1] < losses[0]

@@ -90,7 +90,13 @@ _RUN_SETTINGS = {
     "beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0), "dequantize": ("--dequantize", False),
     "model": ("--model", "mlp"), "likelihood": ("--likelihood", "bernoulli"), "learn_scale": ("--learn-scale", "none"),
     "channels": ("--channels", (32, 64)), "latent_dim": ("--latent-dim", 20), "hidden_dims": ("--hidden-dims", (400,)),
+    # How the step is computed: each changes the arithmetic (fused kernels, bfloat16, a graph's
+    # capturable Adam), so a resumed run keeps the checkpoint's to stay exact.
+    "compile": ("--compile", False), "bf16": ("--bf16", False), "cuda_graph": ("--cuda-graph", None),
 }
+# A checkpoint without the setting was trained before it existed: eagerly (a new run's default,
+# None, turns the graph on for one CUDA process).
+_BEFORE_THE_SETTING = {"cuda_graph": False}
 
 
 def _settle_run_settings(args) -> None:
@@ -99,6 +105,7 @@ def _settle_run_settings(args) -> None:
         from .checkpoints import load_checkpoint
 
         saved = load_checkpoint(args.resume).get("train_config", {})
+        saved = {**_BEFORE_THE_SETTING, **saved}
     for name, (flag, default) in _RUN_SETTINGS.items():
         given, stored = getattr(args, name), saved.get(name)
         if isinstance(given, list) or isinstance(stored, list):  # --channels, --hidden-dims (argparse's lists, the checkpoint's)
@@ -129,7 +136,8 @@ def _train(args) -> int:
         likelihood=args.likelihood, learn_scale=args.learn_scale, channels=tuple(args.channels), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
         beta=args.beta, kl_warmup=args.kl_warmup, device=args.device or _default_device(), seed=args.seed,
-        out=args.out, resume=args.resume, progress=not args.quiet,
+        out=args.out, resume=args.resume, compile=args.compile, bf16=args.bf16, cuda_graph=args.cuda_graph,
+        progress=not args.quiet,
     )
 
     def run():
@@ -219,6 +227,17 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--seed", type=int, default=None, help="weights, data split and order, noise; default 0, or the checkpoint's on --resume")
     train.add_argument("--out", default="runs/vae", help="folder for metrics.csv/json, checkpoint.pt and the PNG images")
     train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint, exactly")
+    train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the whole training step (forward, loss, backward, Adam) from a CUDA graph: one "
+                            "launch per step; default on for --device cuda in one process, or the checkpoint's on "
+                            "--resume; an error on the CPU and under torchrun")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model and loss (compile time ~20 s; not faster on a 2-core AVX2 CPU, "
+                            "measured); default off, or the checkpoint's on --resume")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bfloat16 autocast of the forward (fast only where the CPU has bf16 instructions, "
+                            "AVX512-BF16/AMX, or on a GPU; 6x slower on an AVX2 CPU); default off, or the checkpoint's "
+                            "on --resume")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     train.set_defaults(run=_train)
 

@@ -12,6 +12,13 @@ Crash safety: checkpoints and metrics are written atomically (checkpoints.atomic
 at any point leaves the previous complete file; Ctrl-C (SIGINT) finishes the current step, saves
 a checkpoint of that exact point (mid-epoch included) and raises TrainingInterrupted.
 
+Speed: one step (`train_step.TrainStep`) is forward, loss, backward and the fused Adam with no host
+synchronisation; the loop reads the steps' losses once per epoch (and at a Ctrl-C), so a NaN loss
+is reported at the end of the epoch it appeared in, naming its step. On CUDA (one process) the
+whole step is replayed from a CUDA graph (`captured_step.CapturedStep`, --cuda-graph). Optional:
+torch.compile of the objective (--compile) and bfloat16 autocast (--bf16); settings that change
+the arithmetic are recorded in the checkpoint and a resumed run keeps them.
+
 Distributed: launched by `torchrun --nproc_per_node=N -m vae_fast train ...` (WORLD_SIZE > 1 in the
 environment) it runs DistributedDataParallel over nccl on GPUs or gloo on CPUs. `batch_size` is the
 global batch: each rank takes batch_size / N of it through a DistributedSampler, and each rank's
@@ -44,6 +51,7 @@ from .data import Dataset, dequantize_levels, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
 from .model import LEARN_SCALES, LIKELIHOODS, VAE
+from .train_step import TrainStep, autocast_context, make_optimizer
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight", "build_model",
            "decoder_scale", "MODELS"]
@@ -136,6 +144,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/vae"
     resume: str | None = None
+    compile: bool = False
+    bf16: bool = False
+    cuda_graph: bool | None = None  # None: on for one CUDA process, off otherwise
     progress: bool = True
     images: bool = True
 
@@ -161,6 +172,11 @@ class TrainConfig:
         if self.likelihood == "bernoulli" and self.learn_scale != "none":
             raise ValueError(f"--learn-scale {self.learn_scale} needs --likelihood gaussian or laplace: "
                              "the Bernoulli likelihood has no scale to learn")
+        if self.cuda_graph and torch.device(self.device).type != "cuda":
+            raise ValueError(f"--cuda-graph replays the training step from a CUDA graph: it needs --device cuda, "
+                             f"got --device {self.device}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("--cuda-graph and --compile: choose one (the graph already replays the whole step)")
         if self.likelihood == "bernoulli" and self.dequantize:
             raise ValueError("--dequantize serves --likelihood gaussian or laplace (a density on continuous values); "
                              "a Bernoulli decoder reads the grey levels themselves")
@@ -178,6 +194,15 @@ class TrainConfig:
                              f"{tuple(data.image_shape)} (tabular); use --model mlp")
 
 
+def _kl_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) summed over the batch, for the metrics: 0.5 * sum(mu^2 + expm1(logvar)
+    - logvar), the reference's formula in fewer ops (six instead of ten, a few percent of a small CPU
+    step); expm1 keeps the precision of near-prior dimensions. float32 (float64 for float64)."""
+    dtype = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    mu, logvar = mu.to(dtype), logvar.to(dtype)
+    return (torch.expm1(logvar) - logvar).add_(mu.square()).sum().mul_(0.5)
+
+
 class NegativeElbo(nn.Module):
     """The training objective as a module, so that DistributedDataParallel wraps it (DDP only
     synchronises gradients of what runs through its forward). Returns the summed loss of the batch
@@ -187,10 +212,17 @@ class NegativeElbo(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, beta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         output, mu, logvar = self.model.forward_output(x)
+        if isinstance(beta, torch.Tensor):
+            # A KL weight read on the device when the step runs (replayed from a CUDA graph, or
+            # compiled): the fused loss takes beta as a number fixed when it is called or captured,
+            # so it gives the reconstruction term and the weighted KL is added here.
+            kl = reference.kl_divergence(mu, logvar).sum()
+            recon = vae_loss(output, x, mu, logvar, beta=0.0, **self.model.loss_kwargs())
+            return recon + beta * kl, kl.detach()
         loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
-        return loss, reference.kl_divergence(mu.detach(), logvar.detach()).sum()
+        return loss, _kl_sum(mu.detach(), logvar.detach())
 
 
 def build_model(config: TrainConfig, data: Dataset) -> VAE:
@@ -277,6 +309,33 @@ def _kept(last_good: tuple[Path, str] | None) -> str:
     return f"the last good checkpoint is {path} ({position})"
 
 
+def _step_function(objective: nn.Module, optimizer: torch.optim.Adam, config: TrainConfig, world: int, device: torch.device):
+    """step(batch, beta) -> the batch's [loss, KL] (a float32 device tensor of its own, not yet
+    read): the eager `TrainStep`, or with --cuda-graph the whole step replayed from a CUDA graph,
+    beta going in as a device tensor filled in place before each replay."""
+    autocast = torch.bfloat16 if config.bf16 else None
+    if not config.cuda_graph:
+        return TrainStep(objective, optimizer, world=world, autocast=autocast, compile=config.compile)
+    from .captured_step import CapturedStep
+
+    autocast_scope = autocast_context(device, autocast)
+
+    def loss_and_stats(x: torch.Tensor, beta: torch.Tensor):
+        with autocast_scope():
+            loss, kl = objective(x, beta)
+        return loss, torch.stack((loss.detach(), kl)).float()
+
+    captured = CapturedStep(loss_and_stats, optimizer)
+    beta_tensor = torch.zeros((), device=device)
+
+    def step(batch: torch.Tensor, beta: float) -> torch.Tensor:
+        beta_tensor.fill_(beta)  # a kernel with the value as its argument: no host-to-device copy, no sync
+        (stats,) = captured(batch, beta_tensor)
+        return stats.clone()  # the next replay overwrites the graph's own
+
+    return step
+
+
 def _write_metrics(out_dir: Path, history: list[dict]) -> None:
     # Atomic like the checkpoint: a kill while they are written leaves the previous epoch's files,
     # not truncated ones (a resume with nothing left to train would not rewrite them).
@@ -307,6 +366,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     """
     config.validate()
     rank, world, device = _distributed_setup(config.device)
+    if config.cuda_graph and world > 1:
+        raise ValueError(f"--cuda-graph runs in one process; this run has {world} (torchrun): drop --cuda-graph")
     if config.batch_size % world:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
@@ -317,9 +378,15 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
+    checkpoint = load_checkpoint(config.resume, map_location=device) if config.resume else None
+    if config.cuda_graph is None:
+        # On for one CUDA process; a resumed run goes on as its checkpoint was trained (eagerly if
+        # it predates the setting). Recorded in the checkpoints' train_config.
+        fresh = device.type == "cuda" and world == 1
+        config = replace(config, cuda_graph=checkpoint["train_config"].get("cuda_graph", False) if checkpoint else fresh)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, data).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model.parameters(), config.lr, capturable=config.cuda_graph)
     torch.manual_seed(config.seed + rank)  # but each rank draws its own posterior noise
     history: list[dict] = []
     start_epoch = 0
@@ -328,8 +395,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     start_step, partial_epoch = 0, None
     # (path, position) of the newest checkpoint known to be good, named when training diverges.
     last_good: tuple[Path, str] | None = None
-    if config.resume:
-        checkpoint = load_checkpoint(config.resume, map_location=device)
+    if checkpoint is not None:
         _check_resumable(checkpoint, config, model, data)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -362,6 +428,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     objective = NegativeElbo(model)
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    step_batch = _step_function(objective, optimizer, config, world, device)
     # Shaped as the model takes them once here, not per batch: [N, C, H, W] for ConvVAE.
     input_shape = _input_shape(model)
     train_x = data.train_x.to(device).reshape(-1, *input_shape)
@@ -394,6 +461,32 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
         return TrainingInterrupted(f"interrupted; {checkpoint_path} holds the state reached ({_position(epochs_done, step)}): "
                                    f"continue with --resume {checkpoint_path}", checkpoint_path)
 
+    def tally(epoch: int, first_step: int, rows: list, betas: list, sizes: list, sums: dict) -> None:
+        """Add the steps' [loss, KL] (device tensors, read here in one go) to the epoch's running
+        sums, in step order as they were added one by one before; a non-finite loss raises
+        TrainingDiverged naming its step (a collective: every rank calls it and sees the same)."""
+        if not rows:
+            return
+        stats = torch.stack(rows)
+        if world > 1:
+            dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
+        for step, ((loss, kl), beta, n) in enumerate(zip(stats.tolist(), betas, sizes), start=first_step):
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                                       f"training stopped ({_kept(last_good)}); try a lower --lr")
+            sums["loss_sum"] += loss
+            sums["kl_sum"] += kl
+            sums["recon_sum"] += loss - beta * kl
+            sums["seen"] += n * world
+
+    def stop_agreed(requested: bool) -> bool:
+        """Whether to stop after this step: a Ctrl-C seen by any rank stops every rank at the same step."""
+        if world == 1:
+            return requested
+        flag = torch.tensor([float(requested)], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
     test_signal = _test_signal_after_step()
     steps_run = 0  # in this process, for the test hook
     with _StopOnSigint() as sigint:
@@ -404,54 +497,52 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
             batches = order.split(local_batch)
             first_step = start_step if epoch == start_epoch else 0
             if first_step:
-                p = partial_epoch
-                loss_sum, recon_sum, kl_sum, seen, seconds = p["loss_sum"], p["recon_sum"], p["kl_sum"], p["seen"], p["seconds"]
+                sums = {k: partial_epoch[k] for k in ("loss_sum", "recon_sum", "kl_sum", "seen")}
+                seconds = partial_epoch["seconds"]
             else:
-                loss_sum = recon_sum = kl_sum = seconds = 0.0
-                seen = 0
+                sums = {"loss_sum": 0.0, "recon_sum": 0.0, "kl_sum": 0.0, "seen": 0}
+                seconds = 0.0
+            rows: list[torch.Tensor] = []
+            betas: list[float] = []
+            sizes: list[int] = []
             model.train()
             stop = False
+            show_loss_at = started  # the bar's running loss costs a host sync: twice a second at most
             bar = tqdm(batches[first_step:], initial=first_step, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
                        disable=rank != 0 or not config.progress, leave=False)
             for step, indices in enumerate(bar, start=first_step):
                 beta = kl_weight(config.beta, config.kl_warmup, epoch * steps_per_epoch + step, steps_per_epoch)
-                batch = train_x[indices]
+                batch = train_x.index_select(0, indices)
                 if data.dequantized:
                     batch = dequantize_levels(batch, data.levels)
-                loss, kl = objective(batch, beta)
-                # A Ctrl-C travels with the step's numbers, so that every rank sees it at the same
-                # step and they stop together, at no extra synchronisation.
-                counts = torch.tensor([float(len(indices)), float(sigint.requested)], device=device)
-                stats = torch.cat([torch.stack([loss.detach().float(), kl.float()]), counts])
-                if world > 1:
-                    dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
-                batch_loss, batch_kl, batch_n, stop_requests = stats.tolist()
-                if not math.isfinite(batch_loss):
-                    raise TrainingDiverged(f"loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}; "
-                                           f"training stopped ({_kept(last_good)}); try a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                (loss * world).backward()
-                optimizer.step()
-                loss_sum, kl_sum, seen = loss_sum + batch_loss, kl_sum + batch_kl, seen + int(batch_n)
-                recon_sum += batch_loss - beta * batch_kl
-                # refresh=False: shown at the bar's next refresh, with the right step count
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
+                # Read before the step, so that a Ctrl-C during it is acted on after the next one,
+                # as the test hook's step counts (tests/test_crash_safety.py) expect.
+                requested = sigint.requested
+                rows.append(step_batch(batch, beta))
+                betas.append(beta)
+                sizes.append(len(indices))
+                if not bar.disable and time.perf_counter() >= show_loss_at:
+                    show_loss_at = time.perf_counter() + 0.5
+                    # this process's steps since the epoch (or the resumed run) began
+                    bar.set_postfix(loss=f"{float(torch.stack(rows)[:, 0].sum()) / sum(sizes):.3f}", refresh=False)
                 steps_run += 1
                 if test_signal and steps_run == test_signal[0]:
                     os.kill(os.getpid(), test_signal[1])
-                stop = stop_requests > 0
+                stop = stop_agreed(requested)
                 if stop and step + 1 < len(batches):
                     # Ctrl-C: save this exact point (weights, Adam, RNG, the epoch's running sums),
                     # which --resume continues bit for bit. After an epoch's last step the epoch
                     # is finished below instead, and saved as usual.
                     bar.close()
+                    tally(epoch, first_step, rows, betas, sizes, sums)
                     if not _all_finite(model.state_dict().values()):  # the same on every rank
                         raise TrainingDiverged(f"interrupted at epoch {epoch + 1}, step {step + 1}, with weights that are not "
                                                f"finite; nothing saved ({_kept(last_good)}); try a lower --lr")
-                    save(epoch, step + 1, {"loss_sum": loss_sum, "recon_sum": recon_sum, "kl_sum": kl_sum, "seen": seen,
-                                           "seconds": seconds + time.perf_counter() - started})
+                    save(epoch, step + 1, {**sums, "seconds": seconds + time.perf_counter() - started})
                     raise interrupted(epoch, step + 1)
             bar.close()
+            tally(epoch, first_step, rows, betas, sizes, sums)
+            loss_sum, recon_sum, kl_sum, seen = sums["loss_sum"], sums["recon_sum"], sums["kl_sum"], sums["seen"]
 
             model.eval()
             held_out = negative_elbo(model, test_x, beta=config.beta)
