@@ -85,7 +85,7 @@ GRAPH = {"device": "cuda", "batch_size": 24, "epochs": 3, "kl_warmup": 1.5, "bet
 
 
 @requires_cuda
-def test_graph_training_is_the_default_on_cuda_and_trains_every_row(tmp_path, monkeypatch):
+def test_graph_training_trains_every_row(tmp_path, monkeypatch):
     captured_batches = []
     capture = CapturedStep._capture
 
@@ -94,7 +94,7 @@ def test_graph_training_is_the_default_on_cuda_and_trains_every_row(tmp_path, mo
         return capture(self, inputs)
 
     monkeypatch.setattr(CapturedStep, "_capture", recording)
-    history = train(_config(tmp_path, **{**GRAPH, "epochs": 2}), _toy())
+    history = train(_config(tmp_path, cuda_graph=True, **{**GRAPH, "epochs": 2}), _toy())
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["train_config"]["cuda_graph"] is True
     assert captured_batches == [24, 16]  # one graph per batch shape, captured once for the whole run
     assert all(math.isfinite(row[key]) for row in history for key in ("train_loss", "train_kl", "test_loss"))
@@ -104,7 +104,7 @@ def test_graph_training_is_the_default_on_cuda_and_trains_every_row(tmp_path, mo
 def test_graph_training_matches_eager_training(tmp_path):
     """The same run with and without the graph: other arithmetic (capturable Adam, beta * KL added
     outside the fused loss), the same training, to float32 rounding."""
-    graph = train(_config(tmp_path, out=str(tmp_path / "graph"), **GRAPH), _toy())
+    graph = train(_config(tmp_path, out=str(tmp_path / "graph"), cuda_graph=True, **GRAPH), _toy())
     eager = train(_config(tmp_path, out=str(tmp_path / "eager"), cuda_graph=False, **GRAPH), _toy())
     for a, b in zip(graph, eager):
         for key in ("beta", "train_loss", "train_kl", "test_loss"):
@@ -114,15 +114,15 @@ def test_graph_training_matches_eager_training(tmp_path):
 
 @requires_cuda
 def test_graph_training_resumes_exactly(tmp_path, monkeypatch):
-    train(_config(tmp_path, out=str(tmp_path / "straight"), **GRAPH), _toy())
+    train(_config(tmp_path, out=str(tmp_path / "straight"), cuda_graph=True, **GRAPH), _toy())
     reference = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
     # From an epoch's end.
-    split = _config(tmp_path, out=str(tmp_path / "split"), **GRAPH)
+    split = _config(tmp_path, out=str(tmp_path / "split"), cuda_graph=True, **GRAPH)
     train(replace(split, epochs=1), _toy())
     train(replace(split, resume=str(tmp_path / "split" / "checkpoint.pt")), _toy())
     _same_run(load_checkpoint(tmp_path / "split" / "checkpoint.pt"), reference)
     # From a Ctrl-C in the middle of epoch 2 (the hook's SIGINT after step 4, seen at step 5).
-    mid = _config(tmp_path, out=str(tmp_path / "mid"), **GRAPH)
+    mid = _config(tmp_path, out=str(tmp_path / "mid"), cuda_graph=True, **GRAPH)
     monkeypatch.setenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP", "4:SIGINT")
     with pytest.raises(TrainingInterrupted):
         train(mid, _toy())

@@ -229,8 +229,8 @@ def _add_workflow_commands(commands) -> None:
     train.add_argument("--resume", metavar="CKPT", help="continue from this checkpoint, exactly")
     train.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                        help="replay the whole training step (forward, loss, backward, Adam) from a CUDA graph: one "
-                            "launch per step; default on for --device cuda in one process, or the checkpoint's on "
-                            "--resume; an error on the CPU and under torchrun")
+                            "launch per step; default off (not yet run on a GPU), or the checkpoint's on --resume; "
+                            "an error on the CPU and under torchrun")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the model and loss (compile time ~20 s; not faster on a 2-core AVX2 CPU, "
                             "measured); default off, or the checkpoint's on --resume")
