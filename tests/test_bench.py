@@ -121,6 +121,10 @@ def test_rounds_interleave_and_rotate_the_starting_implementation():
     samples = timing.interleaved_samples(runs, CountingClock(), timing.Repetitions(calls_per_sample=1, rounds=3))
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert all(len(s) == 3 for s in samples.values())
+    # With a settle pause (two processes), each sample starts with one untimed call of its own.
+    order.clear()
+    timing.interleaved_samples(runs, CountingClock(), timing.Repetitions(calls_per_sample=1, rounds=2), settle_s=1e-4)
+    assert order == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a"]
 
 
 def test_cli_parses_bench():

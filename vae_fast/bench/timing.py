@@ -114,7 +114,11 @@ def choose_repetitions(
 def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions,
                         settle_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call, one sample per implementation per round; with settle_s, the machine is left
-    idle that long before each sample (contenders in two processes: see baseline_process)."""
+    idle that long before each sample (contenders in two processes: see baseline_process), then the
+    implementation makes one untimed call: after the idle its worker threads are asleep and the
+    core may have slowed, a cost of the pause, not of the implementation, which a sample of one or
+    two calls (the large sizes) would otherwise carry in full (it made the fastest contender, whose
+    samples are shortest, look up to 2x slower)."""
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repetitions.rounds):
@@ -123,6 +127,7 @@ def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetition
             name = names[(round_index + offset) % len(names)]
             if settle_s:
                 time.sleep(settle_s)
+                runs[name]()
             samples[name].append(clock.seconds_per_call(runs[name], repetitions.calls_per_sample))
     return samples
 
