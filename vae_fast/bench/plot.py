@@ -97,7 +97,10 @@ def write_plot(report: dict, path: Path) -> None:
     if report["device"] == "cpu":
         where += f", {threads} torch thread{'s' if threads != 1 else ''}"
     numbers = f"numbers for L={labelled[0]} {labelled[1]}" if labelled else ""
-    fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784; {numbers}")
+    versions = report.get("versions", {})
+    torches = f"fused: torch {versions['torch']}, baselines: torch {versions.get('baseline_torch', versions['torch'])}" \
+        if "torch" in versions else ""
+    fig.suptitle(f"vae_fast speedup vs batch size: {report['device']} ({where}), {report['date']}, D=784; {numbers}\n{torches}")
     fig.tight_layout(rect=(0, 0.05, 1, 1))  # the bottom strip is the legend's
     fig.savefig(path, dpi=110)
     plt.close(fig)
