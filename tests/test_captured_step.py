@@ -14,9 +14,9 @@ import vae_fast
 from vae_fast.captured_step import CapturedStep
 from vae_fast.checkpoints import load_checkpoint
 from vae_fast.train_step import make_optimizer
-from vae_fast.training import TrainingInterrupted, train
+from vae_fast.training import train
 from conftest import requires_cuda
-from test_training import _config, _same_run, _toy
+from test_training import _config, _interrupted_after_step, _same_run, _toy
 
 
 def test_an_optimizer_that_is_not_capturable_is_refused():
@@ -123,11 +123,7 @@ def test_graph_training_resumes_exactly(tmp_path, monkeypatch):
     _same_run(load_checkpoint(tmp_path / "split" / "checkpoint.pt"), reference)
     # From a Ctrl-C in the middle of epoch 2 (the hook's SIGINT after step 4, seen at step 5).
     mid = _config(tmp_path, out=str(tmp_path / "mid"), cuda_graph=True, **GRAPH)
-    monkeypatch.setenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP", "4:SIGINT")
-    with pytest.raises(TrainingInterrupted):
-        train(mid, _toy())
-    monkeypatch.delenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP")
-    saved = load_checkpoint(tmp_path / "mid" / "checkpoint.pt")
+    saved = _interrupted_after_step(mid, 4, monkeypatch)
     assert (saved["epoch"], saved["step"]) == (1, 2)
     train(replace(mid, resume=str(tmp_path / "mid" / "checkpoint.pt")), _toy())
     _same_run(load_checkpoint(tmp_path / "mid" / "checkpoint.pt"), reference)

@@ -4,6 +4,7 @@
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +136,16 @@ def test_bad_arguments(tmp_path, overrides, message):
 WARMUP = {"epochs": 4, "beta": 2.0, "kl_warmup": 2.5, "lr": 1e-2}
 
 
+def _interrupted_after_step(config, step: int, monkeypatch) -> dict:
+    """Trains until the test hook's SIGINT right after optimizer step `step` (seen at the next
+    step boundary) and returns the checkpoint that Ctrl-C saved."""
+    monkeypatch.setenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP", f"{step}:SIGINT")
+    with pytest.raises(TrainingInterrupted):
+        train(config, _toy())
+    monkeypatch.delenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP")
+    return load_checkpoint(Path(config.out) / "checkpoint.pt")
+
+
 def _same_run(a: dict, b: dict) -> None:
     """Two checkpoints of the same training: identical weights, Adam state and history."""
     for name, tensor in a["model"].items():
@@ -161,11 +172,7 @@ def test_resume_in_the_middle_of_the_kl_warmup_continues_exactly(tmp_path, monke
     # In the middle of an epoch: Ctrl-C (the test hook's SIGINT after step 6, seen at step 7)
     # saves epoch 2 after its 3rd step, KL weight 1.4 of 2, and the resumed run finishes exactly.
     mid = _config(tmp_path, out=str(tmp_path / "mid"), **WARMUP)
-    monkeypatch.setenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP", "6:SIGINT")
-    with pytest.raises(TrainingInterrupted):
-        train(mid, _toy())
-    monkeypatch.delenv("VAE_FAST_TEST_SIGNAL_AFTER_STEP")
-    saved = load_checkpoint(tmp_path / "mid" / "checkpoint.pt")
+    saved = _interrupted_after_step(mid, 6, monkeypatch)
     assert (saved["epoch"], saved["step"]) == (1, 3)
     assert kl_weight(2.0, 2.5, step=1 * 4 + 3 - 1, steps_per_epoch=4) == pytest.approx(1.4)
     train(replace(mid, resume=str(tmp_path / "mid" / "checkpoint.pt")), _toy())
