@@ -95,7 +95,7 @@ _RUN_SETTINGS = {
     "compile": ("--compile", False), "bf16": ("--bf16", False), "cuda_graph": ("--cuda-graph", None),
 }
 # A checkpoint without the setting was trained before it existed: eagerly (a new run's default,
-# None, turns the graph on for one CUDA process).
+# None, leaves the choice to vae_fast.training, which keeps the graph off unless asked for).
 _BEFORE_THE_SETTING = {"cuda_graph": False}
 
 

@@ -15,7 +15,7 @@ a checkpoint of that exact point (mid-epoch included) and raises TrainingInterru
 Speed: one step (`train_step.TrainStep`) is forward, loss, backward and the fused Adam with no host
 synchronisation; the loop reads the steps' losses once per epoch (and at a Ctrl-C), so a NaN loss
 is reported at the end of the epoch it appeared in, naming its step. On CUDA (one process) the
-whole step is replayed from a CUDA graph (`captured_step.CapturedStep`, --cuda-graph). Optional:
+whole step can be replayed from a CUDA graph (`captured_step.CapturedStep`, --cuda-graph). Optional:
 torch.compile of the objective (--compile) and bfloat16 autocast (--bf16); settings that change
 the arithmetic are recorded in the checkpoint and a resumed run keeps them.
 
@@ -44,7 +44,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import reference
 from .checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .checkpoints import model_config
 from .data import Dataset, dequantize_levels, load_dataset
@@ -146,7 +145,7 @@ class TrainConfig:
     resume: str | None = None
     compile: bool = False
     bf16: bool = False
-    cuda_graph: bool | None = None  # None: on for one CUDA process, off otherwise
+    cuda_graph: bool | None = None  # None: the checkpoint's on resume, else off
     progress: bool = True
     images: bool = True
 
@@ -218,7 +217,7 @@ class NegativeElbo(nn.Module):
             # A KL weight read on the device when the step runs (replayed from a CUDA graph, or
             # compiled): the fused loss takes beta as a number fixed when it is called or captured,
             # so it gives the reconstruction term and the weighted KL is added here.
-            kl = reference.kl_divergence(mu, logvar).sum()
+            kl = _kl_sum(mu, logvar)  # the metric's formula, differentiated here
             recon = vae_loss(output, x, mu, logvar, beta=0.0, **self.model.loss_kwargs())
             return recon + beta * kl, kl.detach()
         loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
@@ -383,8 +382,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
         # Off unless asked for: the graph path has not yet run on a GPU (its tests are written and
         # wait for one); a resumed run goes on as its checkpoint was trained (eagerly if it
         # predates the setting). Recorded in the checkpoints' train_config.
-        fresh = False
-        config = replace(config, cuda_graph=checkpoint["train_config"].get("cuda_graph", False) if checkpoint else fresh)
+        config = replace(config, cuda_graph=bool(checkpoint and checkpoint["train_config"].get("cuda_graph", False)))
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, data).to(device)
     optimizer = make_optimizer(model.parameters(), config.lr, capturable=config.cuda_graph)
