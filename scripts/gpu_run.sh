@@ -8,7 +8,8 @@
 # Device time is short (about 15 minutes a session, the start included), so every stage has a time
 # limit and the whole script ends inside the tool's 10-minute command limit; a stage that runs out
 # of time is reported and the next one runs. Files go to $OUT (the tool brings back at most 8):
-#   run.log, build.log, tests.log, sanitizer.log, results/{cuda-<date>-selected.md,.json,.png,
+#   run.log, build.log, tests.log (the `cuda`-marked tests, then the others as time allows),
+#   sanitizer.log, results/{cuda-<date>-selected.md,.json,.png,
 #   vae_training-cuda-<date>.md}
 # MNIST for the training benchmark: $VAE_FAST_MNIST_DIR, else ../shared/data/mnist, else .gpu_data/mnist
 # (copy it there and name .gpu_data in the call's carry: ../shared does not travel).
@@ -57,7 +58,7 @@ if [ $status -ge 128 ]; then
   timeout 60 cuda-gdb -batch -ex run -ex bt --args python3 -c "$repro" 2>&1 | grep -E "^#|signal" | head -30
 fi
 
-stage "tests (pytest -n 8) beside compute-sanitizer over the CUDA tests"
+stage "the tests that touch the GPU (-m cuda, pytest -n 8) beside compute-sanitizer over tests/test_cuda.py"
 (
   for tool in memcheck racecheck; do
     echo "--- compute-sanitizer --tool $tool"
@@ -73,9 +74,10 @@ stage "tests (pytest -n 8) beside compute-sanitizer over the CUDA tests"
 ) > "$out/sanitizer.log" 2>&1 &
 sanitizer_pid=$!
 # -v: each test's outcome is on its own line as it ends, so a suite stopped by its time limit still
-# names its failures (the summary comes only at the end).
-timeout 180 python3 -m pytest -v -n 8 -p no:cacheprovider -rfE tests > "$out/tests.log" 2>&1
-ended tests $?
+# names its failures (the summary comes only at the end). Only the tests marked `cuda` here (about
+# two minutes): CI runs every other test on its CPU machines; they run at the end if time is left.
+timeout 150 python3 -m pytest -v -n 8 -p no:cacheprovider -rfE -m cuda tests > "$out/tests.log" 2>&1
+ended cuda-tests $?
 grep -E "(FAILED|ERROR) tests/" "$out/tests.log" | sort -u | head -40
 tail -3 "$out/tests.log"
 wait $sanitizer_pid
@@ -101,4 +103,15 @@ timeout 120 ncu --clock-control none -k 'regex:vae_loss_partials|reparameterize'
   --section SpeedOfLight --section Occupancy python3 benchmarks/cuda_profile.py --once 2>&1 |
   grep -E "^  void|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per"
 ended ncu $?
+
+stage "the rest of the suite (-m 'not cuda'), as time allows"
+left=$((560 - (SECONDS - started)))
+if [ $left -gt 30 ]; then
+  timeout $left python3 -m pytest -v -n 14 -p no:cacheprovider -rfE -m "not cuda" tests >> "$out/tests.log" 2>&1
+  ended rest-of-suite $?
+  grep -E "(FAILED|ERROR) tests/" "$out/tests.log" | sort -u | head -40
+  tail -3 "$out/tests.log"
+else
+  echo "no time left: CI runs these on CPU"
+fi
 stage "done"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set-up, then the whole test suite (extra arguments go to pytest).
+# Set-up (incremental after the first run), then the whole test suite on every core (pytest-xdist;
+# VAE_FAST_TEST_WORKERS=0 runs it in this process). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 set +e
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pytest -q -n "${VAE_FAST_TEST_WORKERS:-$(nproc)}" tests "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then  # pytest's "no tests collected" is not a failure of the code

@@ -8,7 +8,10 @@ import torch
 import vae_fast
 from vae_fast import _extension
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# A test that touches a CUDA device carries the `cuda` marker: it skips without a GPU, and on a lent
+# GPU, where device time is short, scripts/gpu_run.sh runs `-m cuda` first and the rest after.
+requires_cuda = pytest.mark.cuda
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=requires_cuda)] if torch.cuda.is_available() else [])
 
 # Norm-wise relative error allowed against a float64 reference, per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -103,5 +106,9 @@ def checkpoint_round_trip(model, tmp_path):
     return model_from_checkpoint(load_checkpoint(path), path)
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 __all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]

@@ -10,7 +10,7 @@ from torch import nn
 
 import likelihood_oracle
 from vae_fast import ConvVAE, loss_function
-from conftest import checkpoint_round_trip, relative_error
+from conftest import checkpoint_round_trip, relative_error, requires_cuda
 
 _SIZES = [
     ((1, 28, 28), (32, 64)),  # MNIST: 28 -> 14 -> 7
@@ -220,7 +220,7 @@ def test_a_nan_pixel_gives_its_sample_a_nan_loss_and_no_finite_total():
     assert model.loss(x).isnan()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_training_step():
     torch.manual_seed(0)
     model = ConvVAE((1, 28, 28), 16, likelihood="laplace", learn_scale="feature").cuda()

@@ -10,7 +10,7 @@ import vae_fast
 from vae_fast import VAE, loss_function
 from vae_fast.baselines import ExampleVAE, example_loss_function
 import likelihood_oracle
-from conftest import checkpoint_round_trip, relative_error
+from conftest import checkpoint_round_trip, relative_error, requires_cuda
 
 
 def _mnist_like(n: int, seed: int = 0) -> torch.Tensor:
@@ -334,7 +334,7 @@ def test_autocast_matches_float32(dtype, logits):
         assert error <= 32 * u, f"{name}: relative error {error:.2e} > 32 u = {32 * u:.2e}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 def test_cuda_training_step():
     model, x = VAE().cuda(), _mnist_like(8).cuda()
     recon, mu, logvar = model(x)
@@ -506,7 +506,7 @@ def test_a_checkpoint_from_before_likelihoods_loads_as_a_bernoulli_mlp():
         model_from_checkpoint({"model_config": {**model.config(), "model": "rnn"}, "model": model.state_dict()})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("likelihood, learn_scale", [("gaussian", "feature"), ("laplace", "shared")])
 def test_cuda_continuous_training_step(likelihood, learn_scale):
     torch.manual_seed(0)
