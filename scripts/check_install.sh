@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The ways a user installs vae_fast, each into a fresh venv, run from a folder outside the checkout so
 # that the installed package (not the source tree) is what runs:
-#   1. `pip install --no-build-isolation .`                       (non-editable, from a clone)
-#   2. `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation <the sdist>`
-#   3. `TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" pip wheel --no-build-isolation --no-deps .`, then
-#      `pip install <the wheel>` into a venv that has the same torch: the wheel must be tagged
-#      cp310-abi3 (one wheel for every CPython >= 3.10) and hold sm_80, sm_89, sm_90 code + PTX
+#   1. the wheel: `TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" pip wheel --no-build-isolation --no-deps .`
+#      from the checkout, then `pip install <the wheel>` into a fresh venv that has the same torch: it
+#      must be tagged cp310-abi3 (one wheel for every CPython >= 3.10) and hold sm_80, sm_89, sm_90
+#      code + PTX. This is also what `pip install .` from a clone does (pip builds a wheel from the
+#      folder and installs it), so it stands for that path too. It is built by the main .venv in the
+#      checkout's build folder: after CI's in-place build with the same settings, ninja finds every
+#      object up to date and the wheel costs a link instead of a second CUDA compile.
+#   2. the sdist: `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation
+#      <the sdist>` (CPU kernels) over the wheel in the same venv; the library must then be the
+#      sdist's own build. (tests/test_packaging.py checks the sdist holds every tracked source.)
 # Each is followed by a smoke run: `vae-fast info` says the extension serves the CPU, the fused ops
 # match the reference forward and backward, `vae-fast train --epochs 1` runs.
 # Then the oldest torch pyproject.toml declares (2.11): a build against it and the whole test suite,
 # and that build imported under the newest torch (the main .venv's) must refuse to load with the
 # "built for torch X, running torch Y: rebuild with ..." message.
 #
-#   scripts/check_install.sh [paths|wheel|oldest-torch|all]      (default all; CI runs all)
-# Builds here skip the CUDA sources (VAE_FAST_CUDA=0) except the wheel's: the main CI build already
-# compiles them, and each CUDA build costs minutes on CI's 2 cores.
+#   scripts/check_install.sh [paths|oldest-torch|all]      (default all; CI runs all)
+# The sdist and oldest-torch builds skip the CUDA sources (VAE_FAST_CUDA=0): the main build and the
+# wheel compile them, and each CUDA build costs minutes on CI's 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -25,6 +30,8 @@ what=${1:-all}
 work=$(mktemp -d /tmp/vae_fast_install.XXXXXX)
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+main_python=${MAIN_PYTHON:-$repo/.venv/bin/python}
+test_workers=${VAE_FAST_TEST_WORKERS:-$(nproc)}
 started=$SECONDS
 step() { echo "=== [$((SECONDS - started)) s] $*"; }
 
@@ -75,43 +82,26 @@ EOF
   echo "smoke ($name): passed"
 }
 
-install_clone() {
-  step "1. pip install --no-build-isolation . (non-editable, from the clone)"
-  fresh_venv "$work/venv-clone" "$torch_spec"
-  VAE_FAST_CUDA=0 "$work/venv-clone/bin/pip" install -q --no-build-isolation "$repo"
-  smoke "$work/venv-clone" clone
-}
-
-install_sdist() {
-  step "2. sdist, then pip install --no-build-isolation <the sdist>"
-  fresh_venv "$work/venv-sdist" "$torch_spec"
-  "$work/venv-sdist/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" "$repo" > "$work/sdist.log"
-  sdist=$(ls "$work"/dist/vae_fast-*.tar.gz)
-  VAE_FAST_CUDA=0 "$work/venv-sdist/bin/pip" install -q --no-build-isolation "$sdist"
-  smoke "$work/venv-sdist" sdist
-}
-
 install_wheel() {
-  step "3. pip wheel (CUDA sources in, three architectures + PTX), then pip install <the wheel>"
-  fresh_venv "$work/venv-wheel" "$torch_spec"
+  step "1. pip wheel (CUDA sources in, three architectures + PTX) with the main venv, then pip install <the wheel>"
   TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" \
-    "$work/venv-wheel/bin/pip" wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
+    "$main_python" -m pip wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
   wheel=$(ls "$work"/wheels/vae_fast-*.whl)
   case "$wheel" in
     *-cp310-abi3-*.whl) echo "wheel: $(basename "$wheel") (one wheel for every CPython >= 3.10)" ;;
     *) echo "wheel is not tagged cp310-abi3: $(basename "$wheel")"; exit 1 ;;
   esac
-  "$work/venv-wheel/bin/pip" install -q "$wheel"
-  smoke "$work/venv-wheel" wheel
+  "$work/venv-user/bin/pip" install -q "$wheel"
+  smoke "$work/venv-user" wheel
   # From $work: run in the checkout, `python -c` would import the checkout's vae_fast instead.
-  cuda=$(cd "$work" && "$work/venv-wheel/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
+  cuda=$(cd "$work" && "$work/venv-user/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
   echo "wheel has CUDA kernels: $cuda"
   if [ "${VAE_FAST_CUDA:-auto}" = 1 ] && [ "$cuda" != True ]; then echo "VAE_FAST_CUDA=1 but the wheel has no CUDA kernels"; exit 1; fi
   if [ "$cuda" = True ]; then
-    library=$(ls "$work"/venv-wheel/lib/python3*/site-packages/vae_fast/_C.abi3.so)
+    library=$(ls "$work"/venv-user/lib/python3*/site-packages/vae_fast/_C.abi3.so)
     # The toolkit's cuobjdump, else the one torch's Triton dependency ships (CI's toolkit has none).
     cuobjdump=${CUDA_HOME:+$CUDA_HOME/bin/cuobjdump}
-    [ -x "${cuobjdump:-}" ] || cuobjdump=$(ls "$work"/venv-wheel/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -1)
+    [ -x "${cuobjdump:-}" ] || cuobjdump=$(ls "$work"/venv-user/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump | head -1)
     elves=$("$cuobjdump" --list-elf "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
     ptx=$("$cuobjdump" --list-ptx "$library" | grep -o "sm_[0-9]*" | sort -u | tr '\n' ' ')
     echo "machine code for: $elves; PTX for: $ptx"
@@ -119,7 +109,23 @@ install_wheel() {
   fi
 }
 
-install_paths() { install_clone; install_sdist; install_wheel; }
+install_sdist() {
+  step "2. sdist, then pip install --no-build-isolation <the sdist> over the wheel"
+  "$work/venv-user/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" "$repo" > "$work/sdist.log"
+  sdist=$(ls "$work"/dist/vae_fast-*.tar.gz)
+  VAE_FAST_CUDA=0 "$work/venv-user/bin/pip" install -q --no-build-isolation --force-reinstall --no-deps "$sdist"
+  smoke "$work/venv-user" sdist
+  # The sdist was built without the CUDA sources: a library that has them is still the wheel's.
+  cuda=$(cd "$work" && "$work/venv-user/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
+  [ "$cuda" = False ] || { echo "after the sdist install the library is still the wheel's"; exit 1; }
+}
+
+install_paths() {
+  step "a fresh venv with $torch_spec"
+  fresh_venv "$work/venv-user" "$torch_spec"
+  install_wheel
+  install_sdist
+}
 
 oldest_torch_check() {
   step "oldest declared torch ($oldest_torch): build (CPU kernels) and the whole suite"
@@ -128,10 +134,9 @@ oldest_torch_check() {
   mkdir -p "$work/src-oldest"
   git -C "$repo" ls-files -z --cached --others --exclude-standard | (cd "$repo" && xargs -0 cp --parents -t "$work/src-oldest")
   (cd "$work/src-oldest" && VAE_FAST_CUDA=0 "$work/venv-oldest/bin/pip" install -q --no-build-isolation -e ".[test]")
-  (cd "$work/src-oldest" && "$work/venv-oldest/bin/python" -m pytest -q -p no:cacheprovider tests)
+  (cd "$work/src-oldest" && "$work/venv-oldest/bin/python" -m pytest -q -p no:cacheprovider -n "$test_workers" tests)
 
   step "that build imported under the newest torch: refused with the rebuild message"
-  main_python=${MAIN_PYTHON:-$repo/.venv/bin/python}
   mkdir -p "$work/cross"
   cp -r "$work/src-oldest/vae_fast" "$work/cross/vae_fast"
   message=$(cd "$work/cross" && PYTHONPATH="$work/cross" "$main_python" -m vae_fast info)
@@ -147,11 +152,9 @@ oldest_torch_check() {
 
 case "$what" in
   paths) install_paths ;;
-  wheel) install_wheel ;;
   oldest-torch) oldest_torch_check ;;
   all) install_paths; oldest_torch_check ;;
-  wheel+oldest-torch) install_wheel; oldest_torch_check ;;
-  *) echo "usage: $0 [paths|wheel|oldest-torch|wheel+oldest-torch|all]"; exit 2 ;;
+  *) echo "usage: $0 [paths|oldest-torch|all]"; exit 2 ;;
 esac
 step "install checks passed"
 rm -rf "$work"
