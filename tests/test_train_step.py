@@ -194,6 +194,31 @@ def test_train_step_returns_the_batch_loss_and_kl_and_updates_the_weights():
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))
 
 
+def test_train_step_resets_the_gradients_of_a_parameter_group_added_later():
+    """TrainStep after optimizer.add_param_group: the new group's gradients are reset before each
+    backward, as zero_grad resets them in a plain loop (a list of the parameters taken when the
+    step was built let them accumulate), so the run equals that loop with torch.optim.Adam."""
+    torch.manual_seed(0)
+    ours = VAE(16, latent_dim=3, hidden_dims=(8,))
+    theirs = VAE(16, latent_dim=3, hidden_dims=(8,))
+    theirs.load_state_dict(ours.state_dict())
+    x = _toy().train_x[:12]
+    step = TrainStep(NegativeElbo(ours), make_optimizer(_all_but_the_decoder(ours), 0.01))
+    reference = make_optimizer(_all_but_the_decoder(theirs), 0.01)
+    for i in range(4):
+        if i == 1:
+            step.optimizer.add_param_group({"params": list(ours.decoder.parameters())})
+            reference.add_param_group({"params": list(theirs.decoder.parameters())})
+        torch.manual_seed(10 + i)
+        step(x, 0.5)
+        torch.manual_seed(10 + i)  # the same posterior noise
+        reference.zero_grad(set_to_none=True)
+        NegativeElbo(theirs)(x, 0.5)[0].backward()
+        reference.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("setting", ["bf16", "compile"])
 def test_step_settings_train_are_recorded_and_resume_exactly(tmp_path, setting):
     """--bf16 and --compile change the arithmetic: the checkpoint records them, and a run resumed
