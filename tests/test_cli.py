@@ -4,6 +4,7 @@ one-line errors (exit status 2, no traceback) for each kind of bad input."""
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -225,6 +226,40 @@ def test_bad_arguments(capsys, tmp_path):
     _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--latent-dim", "0"], "--latent-dim must be positive")
     _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--hidden-dims", "16", "-3"], "--hidden-dims must be positive")
     _one_line_error(capsys, ["sample", str(tmp_path / "x.pt"), "--n", "0"], "--n must be positive")
+
+
+def test_an_infinite_kl_weight_or_warmup_is_a_one_line_error(capsys, tmp_path):
+    """--beta inf made the first loss inf, reported as a divergence ("try a lower --lr");
+    --kl-warmup inf trained with a KL weight of 0 for ever."""
+    _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--beta", "inf"], "--beta must be >= 0 and finite, got inf")
+    _one_line_error(capsys, ["train", "--out", str(tmp_path), *TINY, "--kl-warmup", "inf"],
+                    "--kl-warmup must be >= 0 and finite (epochs), got inf")
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def _each_workflow_command(trained: Path, tmp_path: Path) -> list[list[str]]:
+    checkpoint = str(trained / "checkpoint.pt")
+    return [["train", "--out", str(tmp_path / "run"), *TINY], ["eval", checkpoint, "--samples", "2"],
+            ["sample", checkpoint, "--out", str(tmp_path / "samples.png")]]
+
+
+def test_a_device_torch_does_not_know_is_a_one_line_error(capsys, trained, tmp_path):
+    for argv in _each_workflow_command(trained, tmp_path):
+        _one_line_error(capsys, [*argv, "--device", "tpu"], "--device 'tpu' is not a device torch knows: use cpu, cuda or cuda:N")
+        # no GPU 64 here, whether the machine has none (no cuda device) or some (their count)
+        _one_line_error(capsys, [*argv, "--device", "cuda:64"], "--device cuda:64: this machine has ")
+
+
+def test_a_gpu_where_there_is_none_is_a_one_line_error(trained, tmp_path):
+    """--device cuda in a process that sees no GPU (CUDA_VISIBLE_DEVICES empty, so on any machine)
+    was a traceback from the first tensor moved there. One process runs the three commands."""
+    commands = [[*argv, "--device", "cuda"] for argv in _each_workflow_command(trained, tmp_path)]
+    run = "import json, sys\nfrom vae_fast.cli import main\nprint(json.dumps([main(a) for a in json.loads(sys.argv[1])]))"
+    done = subprocess.run([sys.executable, "-c", run, json.dumps(commands)], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert json.loads(done.stdout) == [2, 2, 2], done.stderr
+    assert done.stderr.splitlines() == [f"vae-fast {argv[0]}: error: --device cuda: this machine has no cuda device "
+                                        "(torch sees only the CPU); use --device cpu" for argv in commands], done.stderr
 
 
 def test_bad_checkpoints(capsys, trained, tmp_path):

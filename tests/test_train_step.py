@@ -3,6 +3,7 @@ the direct fused Adam call against torch.optim.Adam, the tensor KL weight of com
 steps, --compile and --bf16 runs resuming exactly, and --cuda-graph refused where it cannot run.
 The CUDA-graph training itself is tested in tests/test_cuda.py (GPU only)."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -31,6 +32,27 @@ def _twin(model: VAE) -> VAE:
     return twin
 
 
+def _fresh_gradients(models: tuple[VAE, VAE], g: torch.Generator) -> None:
+    """The same new random gradient on both models' parameters."""
+    for p, q in zip(*(m.parameters() for m in models)):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+
+
+def _assert_same_adam(ours: VAE, theirs: VAE, ours_optimizer, theirs_optimizer) -> None:
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+        a, b = ours_optimizer.state[p], theirs_optimizer.state[q]
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def _counting_fallbacks(optimizer: torch.optim.Adam) -> list:
+    """Records each optimizer.step() call (FusedAdamStep's fallback) in the list returned."""
+    calls, step = [], optimizer.step
+    optimizer.step = lambda: calls.append(1) or step()
+    return calls
+
+
 @pytest.mark.parametrize("lr, weight_decay, maximize", [(1e-3, 0.0, False), (0.05, 0.01, True)])
 def test_direct_fused_adam_gives_the_bits_of_optimizer_step(lr, weight_decay, maximize):
     ours = _model_and_grads()
@@ -42,15 +64,9 @@ def test_direct_fused_adam_gives_the_bits_of_optimizer_step(lr, weight_decay, ma
     for _ in range(5):  # the first creates Adam's state (through optimizer.step), the others call the kernel
         direct()
         reference.step()
-        for p, q in zip(ours.parameters(), theirs.parameters()):
-            p.grad = torch.randn(p.shape, generator=g)
-            q.grad = p.grad.clone()
+        _fresh_gradients((ours, theirs), g)
     assert direct._tensors is not None  # the direct call did run
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        assert torch.equal(p, q)
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        a, b = direct.optimizer.state[p], reference.state[q]
-        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    _assert_same_adam(ours, theirs, direct.optimizer, reference)
 
 
 def test_direct_fused_adam_leaves_other_optimizers_to_their_step():
@@ -80,6 +96,65 @@ def test_direct_fused_adam_skips_parameters_without_gradients_like_adam():
     direct()
     reference.step()
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
+
+
+def test_direct_fused_adam_continues_from_a_loaded_state_like_adam():
+    """optimizer.load_state_dict replaces Adam's state tensors: the next steps continue from the
+    loaded step counts and moments, as torch.optim.Adam's own step does, and still by the direct
+    call (a cache of the old tensors left `step` at the loaded 3 after a step, not 4)."""
+    saved_model = _model_and_grads(seed=5)
+    saved_optimizer = make_optimizer(saved_model.parameters(), 0.01)
+    for _ in range(3):
+        saved_optimizer.step()
+    saved = saved_optimizer.state_dict()
+    g = torch.Generator().manual_seed(2)
+
+    ours = _model_and_grads()
+    theirs = _twin(ours)
+    direct = FusedAdamStep(make_optimizer(ours.parameters(), 0.01))
+    fallbacks = _counting_fallbacks(direct.optimizer)
+    reference = make_optimizer(theirs.parameters(), 0.01)
+    for _ in range(2):
+        direct()
+        reference.step()
+        _fresh_gradients((ours, theirs), g)
+    # Copies, as from a checkpoint file: load_state_dict keeps the very tensors it is given.
+    direct.optimizer.load_state_dict(copy.deepcopy(saved))
+    reference.load_state_dict(copy.deepcopy(saved))
+    for _ in range(3):
+        direct()
+        reference.step()
+        _fresh_gradients((ours, theirs), g)
+    _assert_same_adam(ours, theirs, direct.optimizer, reference)
+    assert all(direct.optimizer.state[p]["step"] == 6 for p in ours.parameters())
+    assert len(fallbacks) == 1  # the first step only: after the load, the direct call on the loaded tensors
+
+
+def _all_but_the_decoder(model: VAE) -> list:
+    return [*model.encoder.parameters(), *model.encoder_heads.parameters()]
+
+
+def test_direct_fused_adam_steps_a_parameter_group_added_later_like_adam():
+    """optimizer.add_param_group after direct steps: the new group is stepped (with its own
+    learning rate) as torch.optim.Adam steps it; a cache of the first group left it untouched."""
+    ours = _model_and_grads()
+    theirs = _twin(ours)
+    direct = FusedAdamStep(make_optimizer(_all_but_the_decoder(ours), 0.01))
+    reference = make_optimizer(_all_but_the_decoder(theirs), 0.01)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        direct()
+        reference.step()
+        _fresh_gradients((ours, theirs), g)
+    initial_decoder = [p.clone() for p in ours.decoder.parameters()]
+    for optimizer, model in ((direct.optimizer, ours), (reference, theirs)):
+        optimizer.add_param_group({"params": list(model.decoder.parameters()), "lr": 0.05})
+    for _ in range(3):
+        direct()
+        reference.step()
+        _fresh_gradients((ours, theirs), g)
+    assert all(not torch.equal(p, q) for p, q in zip(ours.decoder.parameters(), initial_decoder))
+    _assert_same_adam(ours, theirs, direct.optimizer, reference)
 
 
 def test_a_tensor_kl_weight_gives_the_loss_and_gradients_of_the_number():
@@ -117,6 +192,31 @@ def test_train_step_returns_the_batch_loss_and_kl_and_updates_the_weights():
     assert stats.dtype == torch.float32 and stats.shape == (2,)
     assert torch.equal(stats, torch.stack((loss, kl)))
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))
+
+
+def test_train_step_resets_the_gradients_of_a_parameter_group_added_later():
+    """TrainStep after optimizer.add_param_group: the new group's gradients are reset before each
+    backward, as zero_grad resets them in a plain loop (a list of the parameters taken when the
+    step was built let them accumulate), so the run equals that loop with torch.optim.Adam."""
+    torch.manual_seed(0)
+    ours = VAE(16, latent_dim=3, hidden_dims=(8,))
+    theirs = VAE(16, latent_dim=3, hidden_dims=(8,))
+    theirs.load_state_dict(ours.state_dict())
+    x = _toy().train_x[:12]
+    step = TrainStep(NegativeElbo(ours), make_optimizer(_all_but_the_decoder(ours), 0.01))
+    reference = make_optimizer(_all_but_the_decoder(theirs), 0.01)
+    for i in range(4):
+        if i == 1:
+            step.optimizer.add_param_group({"params": list(ours.decoder.parameters())})
+            reference.add_param_group({"params": list(theirs.decoder.parameters())})
+        torch.manual_seed(10 + i)
+        step(x, 0.5)
+        torch.manual_seed(10 + i)  # the same posterior noise
+        reference.zero_grad(set_to_none=True)
+        NegativeElbo(theirs)(x, 0.5)[0].backward()
+        reference.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("setting", ["bf16", "compile"])

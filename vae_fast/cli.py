@@ -51,10 +51,31 @@ def _bench(args) -> int:
                      baseline_python=args.baseline_python)
 
 
-def _default_device() -> str:
+def _device(args) -> str:
+    """--device, or cuda where a GPU is present and else the CPU, checked before anything is built
+    on it: a device torch knows, of a type this machine has (the CPU, or its accelerator: cuda
+    where a GPU is), with an index below the count. Raises ValueError, one line naming --device;
+    torch's own errors for these came as tracebacks from the first tensor moved there."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device torch knows: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return args.device
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None or accelerator.type != device.type:
+        present = "only the CPU" if accelerator is None else f"the CPU and {accelerator.type}"
+        raise ValueError(f"--device {args.device}: this machine has no {device.type} device (torch sees {present}); "
+                         "use --device cpu")
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {args.device}: this machine has {count} {device.type} device(s), "
+                         f"{device.type}:0 to {device.type}:{count - 1}")
+    return args.device
 
 
 # Exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a process that SIGINT killed, so
@@ -128,19 +149,16 @@ def _shown(value) -> str:
 def _train(args) -> int:
     from .training import TrainConfig, train
 
-    settled = _report_user_errors("train", lambda: _settle_run_settings(args))
-    if settled:
-        return settled
-    config = TrainConfig(
-        dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, dequantize=args.dequantize, model=args.model,
-        likelihood=args.likelihood, learn_scale=args.learn_scale, channels=tuple(args.channels), epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim, hidden_dims=tuple(args.hidden_dims),
-        beta=args.beta, kl_warmup=args.kl_warmup, device=args.device or _default_device(), seed=args.seed,
-        out=args.out, resume=args.resume, compile=args.compile, bf16=args.bf16, cuda_graph=args.cuda_graph,
-        progress=not args.quiet,
-    )
-
     def run():
+        _settle_run_settings(args)
+        config = TrainConfig(
+            dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, dequantize=args.dequantize,
+            model=args.model, likelihood=args.likelihood, learn_scale=args.learn_scale, channels=tuple(args.channels),
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim,
+            hidden_dims=tuple(args.hidden_dims), beta=args.beta, kl_warmup=args.kl_warmup, device=_device(args),
+            seed=args.seed, out=args.out, resume=args.resume, compile=args.compile, bf16=args.bf16,
+            cuda_graph=args.cuda_graph, progress=not args.quiet,
+        )
         train(config)
         if not args.quiet:
             print(f"metrics, checkpoint and images in {args.out}/")
@@ -153,7 +171,7 @@ def _eval(args) -> int:
 
     def run():
         result = evaluate_checkpoint(args.checkpoint, samples=args.samples, dataset=args.dataset, data_dir=args.data_dir,
-                                     data_file=args.data_file, device=args.device or _default_device())
+                                     data_file=args.data_file, device=_device(args))
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -168,7 +186,7 @@ def _sample(args) -> int:
     from .plots import write_samples
 
     def run():
-        path = write_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=args.device or _default_device())
+        path = write_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=_device(args))
         print(f"wrote {path}")
 
     return _report_user_errors("sample", run)

@@ -11,6 +11,7 @@ kernel directly (`FusedAdamStep`) skips the ~0.3 ms of Python that `Optimizer.st
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -46,41 +47,73 @@ class FusedAdamStep:
 
     def __init__(self, optimizer: torch.optim.Adam):
         self.optimizer = optimizer
-        self._tensors: tuple[list, list, list, list] | None = None
+        self._tensors: _AdamTensors | None = None
 
-    def _direct_ready(self) -> bool:
-        groups = self.optimizer.param_groups
-        if len(groups) != 1:
-            return False
-        group = groups[0]
-        params = group["params"]
-        if not (group.get("fused") and not group.get("capturable") and not group["amsgrad"]
-                and not group.get("decoupled_weight_decay") and not group.get("differentiable")
-                and not isinstance(group["lr"], torch.Tensor)):
-            return False
-        if len({(p.device, p.dtype) for p in params}) != 1 or any(p.is_complex() for p in params):
-            return False
-        states = [self.optimizer.state.get(p) for p in params]
-        if not all(states):
-            return False
-        self._tensors = (params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                         [s["step"] for s in states])
-        return True
+    def _adam_tensors(self) -> _AdamTensors | None:
+        """The optimizer's tensors for the kernel, read again whenever the cached ones are no
+        longer its own (a cache never checked went on stepping the tensors that `load_state_dict`
+        had replaced). Checking by identity costs ~2 us a step, reading ~8 us, of the 50-100 us that
+        the direct call saved against Optimizer.step (10 parameter tensors, a busy 2-core CPU)."""
+        if self._tensors is None or not self._tensors.current(self.optimizer):
+            self._tensors = _AdamTensors.read(self.optimizer)
+        return self._tensors
 
     def __call__(self) -> None:
-        if self._tensors is None and not self._direct_ready():
-            self.optimizer.step()
+        tensors = self._adam_tensors()
+        grads = None if tensors is None else [p.grad for p in tensors.params]
+        if grads is None or any(g is None for g in grads):
+            self.optimizer.step()  # skips parameters without gradients, as Adam does
             return
-        params, exp_avgs, exp_avg_sqs, steps = self._tensors
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            self.optimizer.step()  # skips those parameters, as Adam does
-            return
-        group = self.optimizer.param_groups[0]
+        group = tensors.group
         beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
-                           beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        torch._foreach_add_(tensors.steps, 1)
+        torch._fused_adam_(tensors.params, grads, tensors.exp_avgs, tensors.exp_avg_sqs, [], tensors.steps, amsgrad=False,
+                           lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=group["maximize"])
+
+
+class _AdamTensors(NamedTuple):
+    """What `FusedAdamStep` hands the fused kernel, with the containers it was read from."""
+
+    param_groups: list
+    group: dict
+    params: list
+    state: dict
+    exp_avgs: list
+    exp_avg_sqs: list
+    steps: list
+
+    @staticmethod
+    def read(optimizer: torch.optim.Adam) -> _AdamTensors | None:
+        """The tensors of a fused Adam's one parameter group, or None where the direct call does
+        not apply (see FusedAdamStep) or Adam's state is not yet created."""
+        groups = optimizer.param_groups
+        if len(groups) != 1:
+            return None
+        group = groups[0]
+        if (not group.get("fused") or group.get("capturable") or group["amsgrad"] or group.get("decoupled_weight_decay")
+                or group.get("differentiable") or isinstance(group["lr"], torch.Tensor)):
+            return None
+        params = group["params"]
+        if len({(p.device, p.dtype) for p in params}) != 1 or any(p.is_complex() for p in params):
+            return None
+        states = [optimizer.state.get(p) for p in params]
+        if not all(states):
+            return None
+        return _AdamTensors(groups, group, params, optimizer.state, [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+
+    def current(self, optimizer: torch.optim.Adam) -> bool:
+        """Whether these are still the optimizer's own: `load_state_dict` replaces its groups and
+        state tensors, `add_param_group` adds a group."""
+        if (optimizer.param_groups is not self.param_groups or len(self.param_groups) != 1
+                or self.param_groups[0] is not self.group or optimizer.state is not self.state):
+            return False
+        for p, exp_avg, exp_avg_sq, step in zip(self.params, self.exp_avgs, self.exp_avg_sqs, self.steps):
+            s = self.state.get(p)
+            if s is None or s["exp_avg"] is not exp_avg or s["exp_avg_sq"] is not exp_avg_sq or s["step"] is not step:
+                return False
+        return True
 
 
 class TrainStep:
@@ -102,7 +135,6 @@ class TrainStep:
         self.objective = torch.compile(objective) if compile else objective
         self.optimizer = optimizer
         self.adam = FusedAdamStep(optimizer)
-        self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self.scale = world
         device = next(objective.parameters()).device
         self._beta = torch.zeros((), device=device) if compile else None
@@ -117,8 +149,11 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, beta: float) -> torch.Tensor:
         with self._autocast():
             loss, kl = self.objective(x, self._beta_argument(beta))
-        for p in self._params:  # optimizer.zero_grad(set_to_none=True) without its hooks and grouping
-            p.grad = None
+        # optimizer.zero_grad(set_to_none=True) without its hooks and grouping; the groups read at
+        # every step, as zero_grad does, so that a group added later is reset too
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         (loss * self.scale if self.scale != 1 else loss).backward()
         self.adam()
         return torch.stack((loss.detach(), kl)).float()

@@ -156,12 +156,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.hidden_dims or any(h <= 0 for h in self.hidden_dims):
             raise ValueError(f"--hidden-dims must be positive integers, got {list(self.hidden_dims)}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if not self.beta >= 0:
-            raise ValueError(f"--beta must be >= 0, got {self.beta}")
-        if not self.kl_warmup >= 0:
-            raise ValueError(f"--kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
+        # isfinite too: an infinite --beta made the first loss inf ("try a lower --lr"), an infinite
+        # --kl-warmup a KL weight of 0 for ever
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be positive and finite, got {self.lr}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"--beta must be >= 0 and finite, got {self.beta}")
+        if not (self.kl_warmup >= 0 and math.isfinite(self.kl_warmup)):
+            raise ValueError(f"--kl-warmup must be >= 0 and finite (epochs), got {self.kl_warmup}")
         for name, value, choices in (("model", self.model, MODELS), ("likelihood", self.likelihood, LIKELIHOODS),
                                      ("learn-scale", self.learn_scale, LEARN_SCALES)):
             if value not in choices:
