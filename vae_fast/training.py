@@ -410,6 +410,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     A SIGINT (Ctrl-C) in the main thread stops at the next step boundary: the state reached is
     saved (a checkpoint in the middle of an epoch if need be, which resumes exactly too) and
     TrainingInterrupted is raised; the images are not written.
+    The progress bar is shown on rank 0 when `config.progress` is set and stderr is a terminal.
     Raises ValueError (bad argument), DataError, CheckpointError (missing or mismatched --resume),
     TrainingDiverged (a NaN/inf training loss, or an epoch ending with NaN/inf weights or
     held-out loss; the last good checkpoint is kept, never overwritten by a bad one) and
@@ -581,12 +582,14 @@ class _PendingSteps:
 
 
 class _EpochBar:
-    """The epoch's progress bar with its running loss, on rank 0."""
+    """The epoch's progress bar with its running loss, on rank 0 and only on a terminal: in a log
+    (a file, a pipe) every bar would leave a "0%|          | 0/12" line between the epoch lines.
+    tqdm's disable=None is that rule: off unless the bar's stream (sys.stderr) is a TTY."""
 
     def __init__(self, run: _Run, epoch: int, batches: tuple[torch.Tensor, ...], first_step: int):
         shown = run.rank == 0 and run.config.progress
         self._bar = tqdm(batches[first_step:], initial=first_step, total=len(batches),
-                         desc=f"epoch {epoch + 1}/{run.config.epochs}", disable=not shown, leave=False)
+                         desc=f"epoch {epoch + 1}/{run.config.epochs}", disable=None if shown else True, leave=False)
         self._show_loss_at = time.perf_counter()
 
     def __iter__(self):
