@@ -34,8 +34,10 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -104,20 +106,26 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-# Test hook, used by tests/test_crash_safety.py only: VAE_FAST_TEST_SIGNAL_AFTER_STEP="N:SIGKILL"
-# (or N:SIGINT, any signal name) makes the process send itself that signal right after its N-th
-# optimizer step, counted from the start of this process, so that a test kills or interrupts
-# `vae-fast train` mid-epoch at a known step rather than after a guessed sleep. Read once per run;
-# unset, it costs one comparison per step.
-_TEST_SIGNAL_ENV = "VAE_FAST_TEST_SIGNAL_AFTER_STEP"
+class _TestSignal:
+    """Test hook (tests/test_crash_safety.py, tests/test_training.py): VAE_FAST_TEST_SIGNAL_AFTER_STEP="N:SIGKILL"
+    (or N:SIGINT, any signal name) makes the process send itself that signal right after its N-th
+    optimizer step, counted from the start of this process, so that a test kills or interrupts
+    `vae-fast train` mid-epoch at a known step rather than after a guessed sleep. Read once per run;
+    unset, it costs one comparison per step."""
 
+    ENV = "VAE_FAST_TEST_SIGNAL_AFTER_STEP"
 
-def _test_signal_after_step() -> tuple[int, signal.Signals] | None:
-    value = os.environ.get(_TEST_SIGNAL_ENV)
-    if not value:
-        return None
-    step, name = value.split(":")
-    return int(step), signal.Signals[name]
+    def __init__(self):
+        value = os.environ.get(self.ENV)
+        step, name = value.split(":") if value else ("0", None)
+        self._after = int(step)  # 0: never (steps count from 1)
+        self._signal = signal.Signals[name] if name else None
+        self._steps_run = 0
+
+    def after_step(self) -> None:
+        self._steps_run += 1
+        if self._steps_run == self._after:
+            os.kill(os.getpid(), self._signal)
 
 
 @dataclass
@@ -348,6 +356,50 @@ def _write_metrics(out_dir: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+@dataclass
+class _Run:
+    """What every step of the loop reads and nothing changes once training starts: the settings,
+    the data on the device, the model, its optimizer and step, and this process's place among the
+    ranks (rank 0 writes the files)."""
+
+    config: TrainConfig
+    data: Dataset
+    rank: int
+    world: int
+    device: torch.device
+    model: VAE
+    optimizer: torch.optim.Adam
+    step_batch: Callable[[torch.Tensor, float], torch.Tensor]  # see _step_function
+    train_x: torch.Tensor  # shaped as the model takes them: [N, C, H, W] for ConvVAE
+    test_x: torch.Tensor
+    sampler: DistributedSampler
+    local_batch: int  # this rank's share of --batch-size
+    steps_per_epoch: int
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+
+@dataclass
+class _Progress:
+    """Where training stands: set from the checkpoint on --resume, then each finished epoch adds its
+    metrics row to `history` and becomes the last good checkpoint."""
+
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0  # whole epochs done when this process started
+    # Steps already done in epoch start_epoch + 1, and that epoch's running sums and seconds, when
+    # resuming a checkpoint that Ctrl-C saved in the middle of an epoch.
+    start_step: int = 0
+    partial_epoch: dict | None = None
+    # (path, position) of the newest checkpoint known to be good, named when training diverges.
+    last_good: tuple[Path, str] | None = None
+
+
 def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     """Train a VAE as `config` says; returns the per-epoch metrics (also in out/metrics.{csv,json}).
 
@@ -360,6 +412,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     A SIGINT (Ctrl-C) in the main thread stops at the next step boundary: the state reached is
     saved (a checkpoint in the middle of an epoch if need be, which resumes exactly too) and
     TrainingInterrupted is raised; the images are not written.
+    The progress bar is shown on rank 0 when `config.progress` is set and stderr is a terminal.
     Raises ValueError (bad argument), DataError, CheckpointError (missing or mismatched --resume),
     TrainingDiverged (a NaN/inf training loss, or an epoch ending with NaN/inf weights or
     held-out loss; the last good checkpoint is kept, never overwritten by a bad one) and
@@ -367,228 +420,355 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     """
     config.validate()
     rank, world, device = _distributed_setup(config.device)
-    if config.cuda_graph and world > 1:
-        raise ValueError(f"--cuda-graph runs in one process; this run has {world} (torchrun): drop --cuda-graph")
-    if config.batch_size % world:
-        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
+    _check_process_count(config, world)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
                                    dequantize=config.dequantize)
     config.check_data(data)
-    out_dir = Path(config.out)
-    checkpoint_path = out_dir / CHECKPOINT_NAME
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
+        Path(config.out).mkdir(parents=True, exist_ok=True)
     checkpoint = load_checkpoint(config.resume, map_location=device) if config.resume else None
-    if config.cuda_graph is None:
-        # Off unless asked for: the graph path has not yet run on a GPU (its tests are written and
-        # wait for one); a resumed run goes on as its checkpoint was trained (eagerly if it
-        # predates the setting). Recorded in the checkpoints' train_config.
-        config = replace(config, cuda_graph=bool(checkpoint and checkpoint["train_config"].get("cuda_graph", False)))
+    config = _settle_cuda_graph(config, checkpoint)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     model = build_model(config, data).to(device)
     optimizer = make_optimizer(model.parameters(), config.lr, capturable=config.cuda_graph)
     torch.manual_seed(config.seed + rank)  # but each rank draws its own posterior noise
-    history: list[dict] = []
-    start_epoch = 0
-    # Steps already done in epoch start_epoch + 1, and that epoch's running sums, when resuming a
-    # checkpoint that Ctrl-C saved in the middle of an epoch.
-    start_step, partial_epoch = 0, None
-    # (path, position) of the newest checkpoint known to be good, named when training diverges.
-    last_good: tuple[Path, str] | None = None
+    progress = _Progress()
     if checkpoint is not None:
-        _check_resumable(checkpoint, config, model, data)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        # The learning rate is the checkpoint's (its Adam param_groups), whatever --lr says, as
-        # documented. Record that rate in the checkpoints this run writes: train_config used to
-        # keep the ignored --lr, so a resume with another --lr left a checkpoint naming a rate
-        # it was never trained at (issue 13).
-        config = replace(config, lr=optimizer.param_groups[0]["lr"])
-        start_epoch, history = checkpoint["epoch"], checkpoint["history"]
-        start_step, partial_epoch = checkpoint.get("step", 0), checkpoint.get("partial_epoch")
-        if start_step:
-            # A step index means the same batches only with the same global batch split the same way.
-            saved_batch, saved_world = checkpoint["train_config"]["batch_size"], len(checkpoint["rng_states"])
-            if (saved_batch, saved_world) != (config.batch_size, world):
-                raise CheckpointError(
-                    f"checkpoint {config.resume} was saved in the middle of epoch {start_epoch + 1} with --batch-size "
-                    f"{saved_batch} on {saved_world} process(es); resume it with the same (this run: --batch-size "
-                    f"{config.batch_size} on {world})")
-            if start_epoch >= config.epochs:
-                raise ValueError(f"--epochs {config.epochs}: checkpoint {config.resume} is already in epoch {start_epoch + 1}")
-        # Nothing is in --out yet: the file resumed from is the last good one, if it is good (one
-        # written before the checks existed may not be).
-        if history and _is_good(checkpoint["model"], history[-1]["test_loss"]):
-            last_good = (Path(config.resume), _position(start_epoch, start_step))
-        if len(checkpoint["rng_states"]) == world:
-            torch.set_rng_state(checkpoint["rng_states"][rank].cpu())
-            if device.type == "cuda" and checkpoint.get("cuda_rng_states"):
-                torch.cuda.set_rng_state(checkpoint["cuda_rng_states"][rank].cpu(), device)
+        config, progress = _resume(checkpoint, config, model, optimizer, data, rank, world, device)
+    run = _prepare_run(config, data, model, optimizer, rank, world, device)
+    _train_epochs(run, progress)
+    if rank == 0 and config.images and progress.history:
+        from .plots import save_training_images
 
+        save_training_images(model, run.test_x, data.test_y, data.image_shape, progress.history, run.out_dir,
+                             seed=config.seed, feature_names=data.feature_names)
+    return progress.history
+
+
+def _check_process_count(config: TrainConfig, world: int) -> None:
+    if config.cuda_graph and world > 1:
+        raise ValueError(f"--cuda-graph runs in one process; this run has {world} (torchrun): drop --cuda-graph")
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({world})")
+
+
+def _settle_cuda_graph(config: TrainConfig, checkpoint: dict | None) -> TrainConfig:
+    """--cuda-graph left unset (None): off unless asked for, since the graph path has not yet run on
+    a GPU (its tests are written and wait for one); a resumed run goes on as its checkpoint was
+    trained (eagerly if it predates the setting). Recorded in the checkpoints' train_config."""
+    if config.cuda_graph is not None:
+        return config
+    return replace(config, cuda_graph=bool(checkpoint and checkpoint["train_config"].get("cuda_graph", False)))
+
+
+def _resume(checkpoint: dict, config: TrainConfig, model: VAE, optimizer: torch.optim.Adam, data: Dataset, rank: int,
+            world: int, device: torch.device) -> tuple[TrainConfig, _Progress]:
+    """Loads the checkpoint's weights, Adam state and this rank's RNG states; returns the config as
+    the run goes on (the checkpoint's learning rate) and where training stands."""
+    _check_resumable(checkpoint, config, model, data)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    # The learning rate is the checkpoint's (its Adam param_groups), whatever --lr says, as
+    # documented. Record that rate in the checkpoints this run writes: train_config used to
+    # keep the ignored --lr, so a resume with another --lr left a checkpoint naming a rate
+    # it was never trained at (issue 13).
+    config = replace(config, lr=optimizer.param_groups[0]["lr"])
+    progress = _Progress(history=checkpoint["history"], start_epoch=checkpoint["epoch"], start_step=checkpoint.get("step", 0),
+                         partial_epoch=checkpoint.get("partial_epoch"))
+    if progress.start_step:
+        _check_mid_epoch_resume(checkpoint, config, world)
+    # Nothing is in --out yet: the file resumed from is the last good one, if it is good (one
+    # written before the checks existed may not be).
+    if progress.history and _is_good(checkpoint["model"], progress.history[-1]["test_loss"]):
+        progress.last_good = (Path(config.resume), _position(progress.start_epoch, progress.start_step))
+    if len(checkpoint["rng_states"]) == world:
+        torch.set_rng_state(checkpoint["rng_states"][rank].cpu())
+        if device.type == "cuda" and checkpoint.get("cuda_rng_states"):
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_states"][rank].cpu(), device)
+    return config, progress
+
+
+def _check_mid_epoch_resume(checkpoint: dict, config: TrainConfig, world: int) -> None:
+    """A step index means the same batches only with the same global batch split the same way."""
+    epoch = checkpoint["epoch"]
+    saved_batch, saved_world = checkpoint["train_config"]["batch_size"], len(checkpoint["rng_states"])
+    if (saved_batch, saved_world) != (config.batch_size, world):
+        raise CheckpointError(
+            f"checkpoint {config.resume} was saved in the middle of epoch {epoch + 1} with --batch-size "
+            f"{saved_batch} on {saved_world} process(es); resume it with the same (this run: --batch-size "
+            f"{config.batch_size} on {world})")
+    if epoch >= config.epochs:
+        raise ValueError(f"--epochs {config.epochs}: checkpoint {config.resume} is already in epoch {epoch + 1}")
+
+
+def _prepare_run(config: TrainConfig, data: Dataset, model: VAE, optimizer: torch.optim.Adam, rank: int, world: int,
+                 device: torch.device) -> _Run:
+    """The step function (DistributedDataParallel around the objective under torchrun), the data
+    on the device shaped for the model once rather than per batch, and this rank's sampler."""
     objective = NegativeElbo(model)
     if world > 1:
         objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     step_batch = _step_function(objective, optimizer, config, world, device)
-    # Shaped as the model takes them once here, not per batch: [N, C, H, W] for ConvVAE.
     input_shape = _input_shape(model)
     train_x = data.train_x.to(device).reshape(-1, *input_shape)
     test_x = data.test_x.to(device).reshape(-1, *input_shape)
     sampler = DistributedSampler(range(len(train_x)), num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
     local_batch = config.batch_size // world
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    return _Run(config, data, rank, world, device, model, optimizer, step_batch, train_x, test_x, sampler, local_batch,
+                steps_per_epoch=math.ceil(len(sampler) / local_batch))
 
-    def save(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
-        """Checkpoint after `epochs_done` whole epochs and `step` steps of the next (a collective:
-        every rank calls it; rank 0 writes)."""
-        rng_states = [torch.get_rng_state()]
-        cuda_rng_states = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (rng_states[0], cuda_rng_states))
-            rng_states = [g[0] for g in gathered]
-            cuda_rng_states = [s for g in gathered for s in g[1]]
-        if rank == 0:
-            save_checkpoint(checkpoint_path, {
-                "model_config": model.config(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epochs_done, "step": step, "partial_epoch": partial, "history": history,
-                "rng_states": rng_states, "cuda_rng_states": cuda_rng_states,
-                "dataset": {"name": data.name, "image_shape": list(data.image_shape), "continuous": data.continuous,
-                            "feature_names": None if data.feature_names is None else list(data.feature_names)},
-                "train_config": {k: v for k, v in asdict(config).items() if k not in ("progress", "images")},
-            })
 
-    def interrupted(epochs_done: int, step: int = 0) -> TrainingInterrupted:
-        return TrainingInterrupted(f"interrupted; {checkpoint_path} holds the state reached ({_position(epochs_done, step)}): "
-                                   f"continue with --resume {checkpoint_path}", checkpoint_path)
-
-    def tally(epoch: int, first_step: int, rows: list, betas: list, sizes: list, sums: dict) -> None:
-        """Add the steps' [loss, KL] (device tensors, read here in one go) to the epoch's running
-        sums, in step order as they were added one by one before; a non-finite loss raises
-        TrainingDiverged naming its step (a collective: every rank calls it and sees the same)."""
-        if not rows:
-            return
-        stats = torch.stack(rows)
-        if world > 1:
-            dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
-        for step, ((loss, kl), beta, n) in enumerate(zip(stats.tolist(), betas, sizes), start=first_step):
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
-                                       f"training stopped ({_kept(last_good)}); try a lower --lr")
-            sums["loss_sum"] += loss
-            sums["kl_sum"] += kl
-            sums["recon_sum"] += loss - beta * kl
-            sums["seen"] += n * world
-
-    def stop_agreed(requested: bool) -> bool:
-        """Whether to stop after this step: a Ctrl-C seen by any rank stops every rank at the same step."""
-        if world == 1:
-            return requested
-        flag = torch.tensor([float(requested)], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
-
-    test_signal = _test_signal_after_step()
-    steps_run = 0  # in this process, for the test hook
+def _train_epochs(run: _Run, progress: _Progress) -> None:
+    """The epochs left: each one's steps, then its held-out evaluation, checkpoint and report. A
+    Ctrl-C stops at a step boundary with the state reached saved (TrainingInterrupted)."""
+    test_signal = _TestSignal()
     with _StopOnSigint() as sigint:
-        for epoch in range(start_epoch, config.epochs):
-            started = time.perf_counter()
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler), device=device)
-            batches = order.split(local_batch)
-            first_step = start_step if epoch == start_epoch else 0
-            if first_step:
-                sums = {k: partial_epoch[k] for k in ("loss_sum", "recon_sum", "kl_sum", "seen")}
-                seconds = partial_epoch["seconds"]
-            else:
-                sums = {"loss_sum": 0.0, "recon_sum": 0.0, "kl_sum": 0.0, "seen": 0}
-                seconds = 0.0
-            rows: list[torch.Tensor] = []
-            betas: list[float] = []
-            sizes: list[int] = []
-            model.train()
-            stop = False
-            show_loss_at = started  # the bar's running loss costs a host sync: twice a second at most
-            bar = tqdm(batches[first_step:], initial=first_step, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                       disable=rank != 0 or not config.progress, leave=False)
-            for step, indices in enumerate(bar, start=first_step):
-                beta = kl_weight(config.beta, config.kl_warmup, epoch * steps_per_epoch + step, steps_per_epoch)
-                batch = train_x.index_select(0, indices)
-                if data.dequantized:
-                    batch = dequantize_levels(batch, data.levels)
-                # Read before the step, so that a Ctrl-C during it is acted on after the next one,
-                # as the test hook's step counts (tests/test_crash_safety.py) expect.
-                requested = sigint.requested
-                rows.append(step_batch(batch, beta))
-                betas.append(beta)
-                sizes.append(len(indices))
-                if not bar.disable and time.perf_counter() >= show_loss_at:
-                    show_loss_at = time.perf_counter() + 0.5
-                    # this process's steps since the epoch (or the resumed run) began
-                    bar.set_postfix(loss=f"{float(torch.stack(rows)[:, 0].sum()) / sum(sizes):.3f}", refresh=False)
-                steps_run += 1
-                if test_signal and steps_run == test_signal[0]:
-                    os.kill(os.getpid(), test_signal[1])
-                stop = stop_agreed(requested)
-                if stop and step + 1 < len(batches):
-                    # Ctrl-C: save this exact point (weights, Adam, RNG, the epoch's running sums),
-                    # which --resume continues bit for bit. After an epoch's last step the epoch
-                    # is finished below instead, and saved as usual.
-                    bar.close()
-                    tally(epoch, first_step, rows, betas, sizes, sums)
-                    if not _all_finite(model.state_dict().values()):  # the same on every rank
-                        raise TrainingDiverged(f"interrupted at epoch {epoch + 1}, step {step + 1}, with weights that are not "
-                                               f"finite; nothing saved ({_kept(last_good)}); try a lower --lr")
-                    save(epoch, step + 1, {**sums, "seconds": seconds + time.perf_counter() - started})
-                    raise interrupted(epoch, step + 1)
-            bar.close()
-            tally(epoch, first_step, rows, betas, sizes, sums)
-            loss_sum, recon_sum, kl_sum, seen = sums["loss_sum"], sums["recon_sum"], sums["kl_sum"], sums["seen"]
-
-            model.eval()
-            held_out = negative_elbo(model, test_x, beta=config.beta)
-            # The last step's update is seen by no loss check above: a checkpoint is written only if
-            # the weights it holds are finite and give a finite held-out loss.
-            weights_finite = _all_finite(model.state_dict().values())
-            # [bad, stop]: summed over ranks, so that every rank stops together and none waits.
-            flags = torch.tensor([float(not (weights_finite and math.isfinite(held_out["loss"]))),
-                                  float(stop or sigint.requested)], device=device)
-            if world > 1:
-                dist.all_reduce(flags)
-            bad, stop_requests = flags.tolist()
-            if bad:
-                what = f"the held-out loss is {held_out['loss']}" if weights_finite else "the weights are not finite"
-                raise TrainingDiverged(f"after epoch {epoch + 1} {what}; training stopped ({_kept(last_good)}); "
-                                       "try a lower --lr")
-            row = {
-                "epoch": epoch + 1, "beta": beta, "train_loss": loss_sum / seen, "train_kl": kl_sum / seen,
-                "train_recon": recon_sum / seen,
-                "test_loss": held_out["loss"], "test_recon": held_out["recon"], "test_kl": held_out["kl"],
-                "seconds": seconds + time.perf_counter() - started,
-            }
-            scale = decoder_scale(model)
-            if scale is not None:  # sigma (gaussian) or b (laplace): people want to see it move
-                row["scale"] = scale
-            history.append(row)
-            save(epoch + 1)
-            if rank == 0:
-                _write_metrics(out_dir, history)
-                if config.progress:
-                    shown_scale = "" if scale is None else f", scale {scale:.4g}"
-                    print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.3f}, held-out loss "
-                          f"{row['test_loss']:.3f} (recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}{shown_scale}) "
-                          f"[{row['seconds']:.2f}s]")
-            last_good = (checkpoint_path, _position(epoch + 1, 0))
-            if stop_requests:
-                raise interrupted(epoch + 1)
+        for epoch in range(progress.start_epoch, run.config.epochs):
+            totals, stop = _train_epoch(run, progress, epoch, sigint, test_signal)
+            held_out = _evaluate(run)
+            stop = _agree_after_epoch(run, progress, epoch, held_out, stop or sigint.requested)
+            _end_epoch(run, progress, _metrics_row(run, epoch, totals, held_out))
+            if stop:
+                raise _interrupted(run, epoch + 1)
         # A Ctrl-C during the last epoch's checkpoint: training is complete and saved (this process
         # wrote the checkpoint of the last epoch); stop before the images.
-        if sigint.requested and start_epoch < config.epochs:
-            raise interrupted(config.epochs)
+        if sigint.requested and progress.start_epoch < run.config.epochs:
+            raise _interrupted(run, run.config.epochs)
 
-    if rank == 0 and config.images and history:
-        from .plots import save_training_images
 
-        save_training_images(model, test_x, data.test_y, data.image_shape, history, out_dir, seed=config.seed,
-                             feature_names=data.feature_names)
-    return history
+@dataclass
+class _EpochTotals:
+    """One epoch's sums over the steps of every rank, and the time it took: its metrics row is made
+    of them, and a checkpoint saved in the middle of the epoch carries them (partial_epoch)."""
+
+    started: float  # time.perf_counter() when this process took the epoch up
+    loss_sum: float = 0.0
+    recon_sum: float = 0.0
+    kl_sum: float = 0.0
+    seen: int = 0
+    seconds_before: float = 0.0  # spent on the epoch by the process that saved it mid-epoch
+    beta: float = 0.0  # the KL weight of the last step added
+
+    @classmethod
+    def resumed(cls, started: float, partial_epoch: dict) -> "_EpochTotals":
+        sums = {k: partial_epoch[k] for k in ("loss_sum", "recon_sum", "kl_sum", "seen")}
+        return cls(started, **sums, seconds_before=partial_epoch["seconds"])
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def partial_epoch(self) -> dict:
+        """The checkpoint's record of an epoch stopped in the middle."""
+        return {"loss_sum": self.loss_sum, "recon_sum": self.recon_sum, "kl_sum": self.kl_sum, "seen": self.seen,
+                "seconds": self.seconds()}
+
+
+class _PendingSteps:
+    """The steps not yet read: each one's [loss, KL] (a device tensor), KL weight and batch size.
+    The loop reads them once per epoch (and at a Ctrl-C), in one host synchronisation."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # the epoch's step index of the first one
+        self.stats: list[torch.Tensor] = []
+        self.betas: list[float] = []
+        self.sizes: list[int] = []
+
+    def add(self, stats: torch.Tensor, beta: float, size: int) -> None:
+        self.stats.append(stats)
+        self.betas.append(beta)
+        self.sizes.append(size)
+
+    def mean_loss(self) -> float:
+        """This process's mean loss over these steps (a host synchronisation)."""
+        return float(torch.stack(self.stats)[:, 0].sum()) / sum(self.sizes)
+
+
+class _EpochBar:
+    """The epoch's progress bar with its running loss, on rank 0 and only on a terminal: in a log
+    (a file, a pipe) every bar would leave a "0%|          | 0/12" line between the epoch lines.
+    tqdm's disable=None is that rule: off unless the bar's stream (sys.stderr) is a TTY."""
+
+    def __init__(self, run: _Run, epoch: int, batches: tuple[torch.Tensor, ...], first_step: int):
+        shown = run.rank == 0 and run.config.progress
+        self._bar = tqdm(batches[first_step:], initial=first_step, total=len(batches),
+                         desc=f"epoch {epoch + 1}/{run.config.epochs}", disable=None if shown else True, leave=False)
+        self._show_loss_at = time.perf_counter()
+
+    def __iter__(self):
+        return iter(self._bar)
+
+    def show_loss(self, steps: _PendingSteps) -> None:
+        """Reading the running loss costs a host synchronisation: twice a second at most."""
+        if self._bar.disable or time.perf_counter() < self._show_loss_at:
+            return
+        self._show_loss_at = time.perf_counter() + 0.5
+        # this process's steps since the epoch (or the resumed run) began
+        self._bar.set_postfix(loss=f"{steps.mean_loss():.3f}", refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _train_epoch(run: _Run, progress: _Progress, epoch: int, sigint: _StopOnSigint,
+                 test_signal: _TestSignal) -> tuple[_EpochTotals, bool]:
+    """The epoch's steps (from the one resumed at); returns its totals and whether to stop after
+    it. A Ctrl-C before its last step saves that point and raises TrainingInterrupted; a non-finite
+    loss raises TrainingDiverged (both collectives: every rank stops at the same step)."""
+    config = run.config
+    started = time.perf_counter()
+    run.sampler.set_epoch(epoch)
+    batches = torch.tensor(list(run.sampler), device=run.device).split(run.local_batch)
+    first_step = progress.start_step if epoch == progress.start_epoch else 0
+    totals = _EpochTotals.resumed(started, progress.partial_epoch) if first_step else _EpochTotals(started)
+    steps = _PendingSteps(first_step)
+    run.model.train()
+    stop = False
+    bar = _EpochBar(run, epoch, batches, first_step)
+    for step, indices in enumerate(bar, start=first_step):
+        beta = kl_weight(config.beta, config.kl_warmup, epoch * run.steps_per_epoch + step, run.steps_per_epoch)
+        batch = run.train_x.index_select(0, indices)
+        if run.data.dequantized:
+            batch = dequantize_levels(batch, run.data.levels)
+        # Read before the step, so that a Ctrl-C during it is acted on after the next one,
+        # as the test hook's step counts (tests/test_crash_safety.py) expect.
+        requested = sigint.requested
+        steps.add(run.step_batch(batch, beta), beta, len(indices))
+        bar.show_loss(steps)
+        test_signal.after_step()
+        stop = _stop_agreed(run, requested)
+        if stop and step + 1 < len(batches):
+            # After an epoch's last step the epoch is finished instead, and saved as usual.
+            bar.close()
+            _save_mid_epoch(run, progress, epoch, step + 1, steps, totals)
+    bar.close()
+    _tally(run, progress, epoch, steps, totals)
+    return totals, stop
+
+
+def _stop_agreed(run: _Run, requested: bool) -> bool:
+    """Whether to stop after this step: a Ctrl-C seen by any rank stops every rank at the same step."""
+    if run.world == 1:
+        return requested
+    flag = torch.tensor([float(requested)], device=run.device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _tally(run: _Run, progress: _Progress, epoch: int, steps: _PendingSteps, totals: _EpochTotals) -> None:
+    """Add the steps' [loss, KL], read here in one go, to the epoch's totals, in step order as they
+    were added one by one before; a non-finite loss raises TrainingDiverged naming its step (a
+    collective: every rank calls it and sees the same)."""
+    if not steps.stats:
+        return
+    stats = torch.stack(steps.stats)
+    if run.world > 1:
+        dist.all_reduce(stats)  # every rank sees the same numbers, and so stops together on NaN
+    for step, ((loss, kl), beta, n) in enumerate(zip(stats.tolist(), steps.betas, steps.sizes), start=steps.first_step):
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+                                   f"training stopped ({_kept(progress.last_good)}); try a lower --lr")
+        totals.loss_sum += loss
+        totals.kl_sum += kl
+        totals.recon_sum += loss - beta * kl
+        totals.seen += n * run.world
+        totals.beta = beta
+
+
+def _save_mid_epoch(run: _Run, progress: _Progress, epoch: int, steps_done: int, steps: _PendingSteps,
+                    totals: _EpochTotals) -> NoReturn:
+    """Ctrl-C in the middle of an epoch: save this exact point (weights, Adam, RNG, the epoch's
+    running sums), which --resume continues bit for bit, and raise TrainingInterrupted."""
+    _tally(run, progress, epoch, steps, totals)
+    if not _all_finite(run.model.state_dict().values()):  # the same on every rank
+        raise TrainingDiverged(f"interrupted at epoch {epoch + 1}, step {steps_done}, with weights that are not "
+                               f"finite; nothing saved ({_kept(progress.last_good)}); try a lower --lr")
+    _save(run, progress.history, epoch, steps_done, totals.partial_epoch())
+    raise _interrupted(run, epoch, steps_done)
+
+
+def _evaluate(run: _Run) -> dict:
+    """The held-out negative ELBO at the full KL weight: {"loss", "recon", "kl"} per sample."""
+    run.model.eval()
+    return negative_elbo(run.model, run.test_x, beta=run.config.beta)
+
+
+def _agree_after_epoch(run: _Run, progress: _Progress, epoch: int, held_out: dict, requested: bool) -> bool:
+    """Whether any rank was asked to stop; raises TrainingDiverged when any rank's weights or
+    held-out loss are not finite. The epoch's last update is seen by no loss check: a checkpoint is
+    written only if the weights it holds are finite and give a finite held-out loss."""
+    weights_finite = _all_finite(run.model.state_dict().values())
+    # [bad, stop]: summed over ranks, so that every rank stops together and none waits.
+    flags = torch.tensor([float(not (weights_finite and math.isfinite(held_out["loss"]))), float(requested)],
+                         device=run.device)
+    if run.world > 1:
+        dist.all_reduce(flags)
+    bad, stop_requests = flags.tolist()
+    if bad:
+        what = f"the held-out loss is {held_out['loss']}" if weights_finite else "the weights are not finite"
+        raise TrainingDiverged(f"after epoch {epoch + 1} {what}; training stopped ({_kept(progress.last_good)}); "
+                               "try a lower --lr")
+    return bool(stop_requests)
+
+
+def _metrics_row(run: _Run, epoch: int, totals: _EpochTotals, held_out: dict) -> dict:
+    """The epoch's line of metrics.csv: training means per sample, held-out ones, seconds, and the
+    decoder's scale when it has one."""
+    seen = totals.seen
+    row = {
+        "epoch": epoch + 1, "beta": totals.beta, "train_loss": totals.loss_sum / seen, "train_kl": totals.kl_sum / seen,
+        "train_recon": totals.recon_sum / seen,
+        "test_loss": held_out["loss"], "test_recon": held_out["recon"], "test_kl": held_out["kl"],
+        "seconds": totals.seconds(),
+    }
+    scale = decoder_scale(run.model)
+    if scale is not None:  # sigma (gaussian) or b (laplace): people want to see it move
+        row["scale"] = scale
+    return row
+
+
+def _end_epoch(run: _Run, progress: _Progress, row: dict) -> None:
+    """Record the finished epoch: its row in the history, the checkpoint, the metrics files and the
+    epoch's line on stdout; it becomes the last good checkpoint."""
+    progress.history.append(row)
+    epochs_done = row["epoch"]
+    _save(run, progress.history, epochs_done)
+    if run.rank == 0:
+        _write_metrics(run.out_dir, progress.history)
+        if run.config.progress:
+            print(_epoch_line(row, run.config.epochs))
+    progress.last_good = (run.checkpoint_path, _position(epochs_done, 0))
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    scale = "" if "scale" not in row else f", scale {row['scale']:.4g}"
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, held-out loss {row['test_loss']:.3f} "
+            f"(recon {row['test_recon']:.3f}, KL {row['test_kl']:.3f}{scale}) [{row['seconds']:.2f}s]")
+
+
+def _save(run: _Run, history: list[dict], epochs_done: int, step: int = 0, partial_epoch: dict | None = None) -> None:
+    """Checkpoint after `epochs_done` whole epochs and `step` steps of the next (a collective: every
+    rank calls it; rank 0 writes). What load_checkpoint and --resume read: keep the format."""
+    rng_states = [torch.get_rng_state()]
+    cuda_rng_states = [torch.cuda.get_rng_state(run.device)] if run.device.type == "cuda" else []
+    if run.world > 1:
+        gathered: list = [None] * run.world
+        dist.all_gather_object(gathered, (rng_states[0], cuda_rng_states))
+        rng_states = [g[0] for g in gathered]
+        cuda_rng_states = [s for g in gathered for s in g[1]]
+    if run.rank != 0:
+        return
+    data = run.data
+    save_checkpoint(run.checkpoint_path, {
+        "model_config": run.model.config(), "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "epoch": epochs_done, "step": step, "partial_epoch": partial_epoch, "history": history,
+        "rng_states": rng_states, "cuda_rng_states": cuda_rng_states,
+        "dataset": {"name": data.name, "image_shape": list(data.image_shape), "continuous": data.continuous,
+                    "feature_names": None if data.feature_names is None else list(data.feature_names)},
+        "train_config": {k: v for k, v in asdict(run.config).items() if k not in ("progress", "images")},
+    })
+
+
+def _interrupted(run: _Run, epochs_done: int, step: int = 0) -> TrainingInterrupted:
+    path = run.checkpoint_path
+    return TrainingInterrupted(f"interrupted; {path} holds the state reached ({_position(epochs_done, step)}): "
+                               f"continue with --resume {path}", path)
