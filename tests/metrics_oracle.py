@@ -59,15 +59,25 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _step_sizes(samples: int, batch_size: int) -> list[int]:
+    """The sizes of an epoch's steps: full batches, then what is left."""
     return [batch_size] * (samples // batch_size) + ([samples % batch_size] if samples % batch_size else [])
 
 
-def kl_weight(beta: float, warmup_epochs: float, step: int, steps_per_epoch: int) -> float:
-    """The KL weight of global step `step` (from 0): beta ramped linearly from beta / ramp_steps to
-    beta over the first warmup_epochs * steps_per_epoch steps (README, --kl-warmup)."""
+def _kl_weight(beta: float, warmup_epochs: float, step: int, steps_per_epoch: int) -> float:
+    """The KL weight of global step `step` (from 0), as the README defines --kl-warmup: beta ramped
+    linearly over the first warmup_epochs * steps_per_epoch steps, reaching it at the last of them."""
     if warmup_epochs == 0:
         return beta
     return beta * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
+
+
+@torch.no_grad()
+def _recon_and_kl(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log p(x|z) and KL(q(z|x) || N(0, I)) per sample of x, in the float64 model's precision."""
+    x = x.double().reshape(len(x), -1)
+    mu, logvar = model.encode(x)
+    output = model.decode_output(mu)  # the decoder ignores z: any z gives this output
+    return -likelihood_oracle.log_px_given_output(model, x, output), likelihood_oracle.kl_to_prior(mu, logvar)
 
 
 def expected_rows(checkpoint: dict, weights: dict, train_x: torch.Tensor, test_x: torch.Tensor, *, epochs: int,
@@ -75,21 +85,14 @@ def expected_rows(checkpoint: dict, weights: dict, train_x: torch.Tensor, test_x
     """metrics.csv's rows (but seconds) for `epochs` epochs of the model `fix_model` made, over
     train_x in global batches of batch_size, held out on test_x."""
     model = model_from_checkpoint({**checkpoint, "model": weights}).double()
-    with torch.no_grad():
-        def per_sample(x):
-            x = x.double().reshape(len(x), -1)
-            mu, logvar = model.encode(x)
-            output = model.decode_output(mu)  # the decoder ignores z: any z gives this output
-            return -likelihood_oracle.log_px_given_output(model, x, output), likelihood_oracle.kl_to_prior(mu, logvar)
-
-        train_recon, train_kl = per_sample(train_x)
-        test_recon, test_kl = per_sample(test_x)
+    train_recon, train_kl = _recon_and_kl(model, train_x)
+    test_recon, test_kl = _recon_and_kl(model, test_x)
     kl = train_kl[0].item()
     assert torch.allclose(train_kl, torch.full_like(train_kl, kl), rtol=1e-12) and kl > 1, "the KL is not fixed"
     sizes = _step_sizes(len(train_x), batch_size)
     rows = []
     for epoch in range(epochs):
-        betas = [kl_weight(beta, kl_warmup, epoch * len(sizes) + step, len(sizes)) for step in range(len(sizes))]
+        betas = [_kl_weight(beta, kl_warmup, epoch * len(sizes) + step, len(sizes)) for step in range(len(sizes))]
         weighted_kl = sum(b * n for b, n in zip(betas, sizes)) * kl
         row = {
             "epoch": epoch + 1, "beta": betas[-1],
