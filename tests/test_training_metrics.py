@@ -29,7 +29,8 @@ def _real() -> Dataset:
 
 
 @pytest.mark.parametrize("likelihood, learn_scale, data", [("bernoulli", "none", _binary), ("laplace", "feature", _real),
-                                                           ("gaussian", "none", _real)])
+                                                           ("gaussian", "none", _real)],
+                         ids=["bernoulli", "laplace-feature-scale", "gaussian-unit-scale"])
 def test_every_metric_matches_the_float64_recomputation(tmp_path, likelihood, learn_scale, data):
     data = data()
     config = TrainConfig(dataset=data.name, likelihood=likelihood, learn_scale=learn_scale, epochs=1, batch_size=BATCH,
