@@ -66,6 +66,9 @@ LOG_CLAMP = -100.0  # torch's binary_cross_entropy clamps its logs here ...
 DENOMINATOR_CLAMP = 1e-12  # ... and its gradient's p (1 - p) here
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 ULP_1 = 2.0**-24  # spacing of float32 just below 1 (and half the spacing just above 1/2)
+# Factors that put a probe a few float32 steps to either side of a zero (one of the loss or of
+# d/ds), where the cancellation rows are measured.
+NEAR_ZERO = torch.tensor([1 + k * 2.0**-20 for k in range(-2, 3)], dtype=torch.float64)
 
 
 @dataclass
@@ -272,8 +275,7 @@ def location_scale_sweep_values(likelihood: str, points: int, width: int) -> tup
             z_zero += [math.sqrt(2 * w * (1 - constant)), math.sqrt(w)]
         else:
             z_zero += [w * (1 - constant), float(w)]
-    near = torch.tensor([1 + k * 2.0**-20 for k in range(-2, 3)], dtype=torch.float64)
-    probes = torch.cat([f32(z * math.exp(s0) * near) for z in z_zero for s0 in (0.0, -1.0)])
+    probes = torch.cat([f32(z * math.exp(s0) * NEAR_ZERO) for z in z_zero for s0 in (0.0, -1.0)])
     # z = sqrt(1.5 FLT_MAX): z^2 overflows float32 while the Gaussian's 0.5 z^2 does not
     probes = torch.cat([probes, f32([math.sqrt(1.5 * F32.max) * math.exp(s0) for s0 in (0.0, -1.0)])])
     u = unique_sorted(torch.cat([mags, -mags, f32([0.0, 1.0, -1.0]), probes]))
@@ -330,11 +332,26 @@ def location_scale(likelihood: str, points: int, path: str) -> list[Quantity]:
     ]
 
 
+def per_element_loss_zero(likelihood: str, width: int) -> tuple[float, float]:
+    """(s, |z|) of a zero of the row loss with a per-element log_scale, s on element 0 only: the
+    width - 1 padding elements (s = 0, u = 0) add the constant each, unlike a shared s, so the row
+    term + s + width * constant crosses zero only below s = -width * constant. At s = -1 - width *
+    constant that is where the residual term is 1."""
+    constant = HALF_LOG_2PI if likelihood == "gaussian" else math.log(2.0)
+    return -1.0 - width * constant, math.sqrt(2.0) if likelihood == "gaussian" else 1.0
+
+
 def location_scale_per_element(likelihood: str, points: int, path: str) -> list[Quantity]:
     """log_scale of recon's shape: e^-s is taken per element in the vector body (the AVX2 build's
-    Cephes exp, the only place the loss uses it), d/ds per element."""
+    Cephes exp, the only place the loss uses it), d/ds per element. The grid of the shared-s sweep,
+    plus the residuals next to the loss's zero (per_element_loss_zero), which that grid misses in a
+    padded row."""
     width = 1 if path == "tail" else LANES
     s_values, u = location_scale_sweep_values(likelihood, points, width)
+    s_zero, z_zero = per_element_loss_zero(likelihood, width)
+    u_zero = f32(z_zero * math.exp(s_zero) * NEAR_ZERO)
+    s_values = unique_sorted(torch.cat([s_values, f32([s_zero])]))
+    u = unique_sorted(torch.cat([u, u_zero, -u_zero]))
     s_grid = s_values.repeat_interleave(u.numel())
     u_grid = u.repeat(s_values.numel())
     m = padded(torch.zeros(u_grid.numel()), 0.0, path)
@@ -479,9 +496,10 @@ def measure_isa(isa: str, points: int) -> dict:
 def passes(summary: dict, cancellation: bool = False) -> bool:
     """Within THRESHOLD relative; in a cancellation row (kappa > KAPPA_SPLIT), whose relative error no
     float32 evaluation can bound, within ROUNDING_BOUND times kappa (the terms rounded correctly,
-    cancelled exactly: a backward-stable evaluation)."""
+    cancelled exactly: a backward-stable evaluation). A row that measured no point fails: its sweep
+    missed what the row is for."""
     if summary["max"] is None:
-        return True
+        return False
     if cancellation:
         return summary["max_over_kappa"] <= ROUNDING_BOUND
     return summary["max"] <= THRESHOLD
@@ -493,7 +511,7 @@ def cell(summary: dict | None, cancellation: bool = False) -> str:
     if summary is None:
         return "-"
     if summary["max"] is None:
-        return "(no points)"
+        return "(no points) **!**"
     mark = "" if passes(summary, cancellation) else " **!**"
     over = f" (error/kappa {summary['max_over_kappa']:.1e})" if cancellation else ""
     return f"{summary['max']:.2e}{over}{mark} at {summary['at']}"
@@ -515,7 +533,8 @@ def to_markdown(results: dict[str, dict], points: int) -> str:
         "normal number: below it the error is absolute, in units of tiny). The oracle is written from the formulas with "
         "float64 torch ops / torch.distributions (not vae_fast.reference), on the same float32 inputs. Results through "
         "`vae_fast.vae_loss(..., reduction=\"none\")` and torch.autograd.grad. **!** marks a maximum above "
-        f"{THRESHOLD:g}. Each cell: the maximum and the input where it happens (u = x - recon, s = log_scale).",
+        f"{THRESHOLD:g}, or a cell whose sweep measured no point (a failure too). Each cell: the maximum and the input "
+        "where it happens (u = x - recon, s = log_scale).",
         "",
         "Paths: *lanes* = the subject element in the vector body (a row of 16, 15 neutral padding elements); *tail* = "
         "one feature (recon [N, 1]), computed by the scalar tail loop with libm. avx2 = the AVX2 build (Cephes exp/log, "
@@ -558,6 +577,9 @@ def to_markdown(results: dict[str, dict], points: int) -> str:
         lines += ["", "Rows that fail (float32 result vs oracle at the worst input):", ""]
         for isa, path, r in failing:
             s = r["paths"][path]
+            if s["max"] is None:
+                lines.append(f"- `{r['key']}` {isa} {path}: no points (the sweep measured nothing)")
+                continue
             kappa = "" if s["kappa"] is None else f", kappa {s['kappa']:.3g} (error / kappa = {s['max'] / s['kappa']:.2g})"
             lines.append(f"- `{r['key']}` {isa} {path}: {s['at']}: float32 {s['actual']:.9g}, oracle {s['oracle']:.17g}, "
                          f"error {s['max']:.3g}{kappa} ({s['points']} points)")

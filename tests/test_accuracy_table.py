@@ -73,9 +73,27 @@ def test_row_within_bound(results, table, isa, path, key):
     if isinstance(results[isa], Exception):
         pytest.skip(str(results[isa]))
     summary = results[isa][key]["paths"][path]
+    assert summary["points"] > 0, f"{key} {isa} {path}: the sweep measured no point"
     assert table.passes(summary, key.endswith("_cancel")), (
         f"{key} {isa} {path}: {summary['max']:.3g} relative (error/kappa {summary['max_over_kappa']}) at {summary['at']} "
         f"(float32 {summary['actual']!r}, oracle {summary['oracle']!r})")
+
+
+def test_a_row_that_measured_nothing_fails(table, results):
+    """A sweep that misses a row's inputs must not read as a pass (the lanes cells of both per-element
+    cancellation rows measured nothing, on both instruction sets, at this --points, and the Laplace
+    one at 2000 in the committed table): passes() is False, the table says no and lists it."""
+    assert not table.passes({"max": None, "at": "", "points": 0, "beyond_float32": 0})
+    assert not table.passes({"max": None, "at": "", "points": 0, "beyond_float32": 0}, cancellation=True)
+    if any(isinstance(r, Exception) for r in results.values()):
+        pytest.skip("needs both instruction sets")
+    as_measured = {isa: {"isa": isa, "rows": [dict(row, paths=dict(row["paths"])) for row in rows.values()]}
+                   for isa, rows in results.items()}
+    emptied = next(row for row in as_measured["generic"]["rows"] if row["key"] == "laplace_elem_loss_cancel")
+    emptied["paths"]["lanes"] = {"max": None, "at": "", "points": 0, "beyond_float32": 0}
+    text = table.to_markdown(as_measured, POINTS)
+    assert text.count(" | **no** |") == 1 and text.count(" | yes |") == len(ROWS) - 1
+    assert "- `laplace_elem_loss_cancel` generic lanes: no points (the sweep measured nothing)" in text
 
 
 def test_former_defects_stay_fixed(table):

@@ -1,7 +1,9 @@
 """Crash-safe training (issue 9): `vae-fast train` killed with SIGKILL mid-epoch or while its
 checkpoint is being written, then continued with --resume, ends with exactly the checkpoint of an
 uninterrupted run (weights, Adam state, RNG states, history: torch.equal on every tensor), and no
-kill leaves an unreadable file under a checkpoint's name. Ctrl-C (SIGINT) saves, exits with status
+kill leaves an unreadable file under a checkpoint's name. The metrics files are parsed: what a kill
+leaves holds one finite row per completed epoch, the uninterrupted run's, and a resumed run's hold
+them all. Ctrl-C (SIGINT) saves, exits with status
 130 and one line (no traceback), and resuming from what it saved finishes exactly too.
 
 The runs are real `python -m vae_fast train` processes (one test calls train() in process). The
@@ -11,6 +13,8 @@ through the N-th checkpoint), not after guessed sleeps. To fit a 2-core machine 
 the interrupted runs, then the resumed runs) run at the same time, one thread each.
 """
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+import metrics_oracle
 from vae_fast.checkpoints import CheckpointError, atomic_write, load_checkpoint
 from vae_fast.data import Dataset
 from vae_fast.training import TrainConfig, TrainingInterrupted, train
@@ -88,22 +93,35 @@ def runs(tmp_path_factory):
         if files.get("checkpoint.pt"):
             checkpoint = load_checkpoint(out / "checkpoint.pt")
             position = (checkpoint["epoch"], checkpoint["step"])
-        results[name] = {"first": first[name], "files": files, "position": position, "out": out}
+        results[name] = {"first": first[name], "files": files, "position": position, "out": out,
+                         "metrics": _metrics(out) if files.get("metrics.csv") else None}
     resumed = {name: _start(results[name]["out"], data, resume=True) for name in RESUMED}
     for name, process in resumed.items():
         results[name]["resumed"] = _finish(process)
     return results, load_checkpoint(root / "reference" / "checkpoint.pt")
 
 
-def _readable(path: Path) -> bool | str:
-    """Whether torch.load reads the file (for checkpoints); "text" for the metrics files."""
-    if path.suffix in (".csv", ".json"):
-        return "text"
+def _readable(path: Path) -> bool:
+    """Whether the file reads back: torch.load for checkpoints, the csv or json parser for metrics."""
     try:
-        torch.load(path, weights_only=True)
+        if path.suffix == ".csv":
+            metrics_oracle.read_metrics(path)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        else:
+            torch.load(path, weights_only=True)
     except Exception:  # noqa: BLE001  (any failure to read is what is looked for)
         return False
     return True
+
+
+def _metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of out/metrics.csv (parsed, numbers as floats) and of out/metrics.json."""
+    return metrics_oracle.read_metrics(out / "metrics.csv"), json.loads((out / "metrics.json").read_text())
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 def _assert_identical(actual, expected, where="checkpoint"):
@@ -144,11 +162,30 @@ def test_interrupted_then_resumed_run_equals_the_uninterrupted_one(runs, name):
     assert resumed["epoch"] == EPOCHS and resumed["step"] == 0
     _assert_identical(resumed, reference)
     assert not (run["out"] / "checkpoint.pt.part").exists(), "the next save replaces a killed save's leftover"
+    csv_rows, json_rows = _metrics(run["out"])
+    assert csv_rows == json_rows
+    assert _without_seconds(csv_rows) == _without_seconds(reference["history"])
+
+
+@pytest.mark.parametrize("name", [name for name in INTERRUPTED if name != "kill_in_first_checkpoint"])
+def test_metrics_left_by_an_interruption_hold_each_completed_epoch(runs, name):
+    """What the interruption left in metrics.csv and metrics.json: the columns, one row per epoch the
+    checkpoint completed, finite numbers, those of the uninterrupted run (its seconds aside)."""
+    results, reference = runs
+    run = results[name]
+    csv_rows, json_rows = run["metrics"]
+    assert csv_rows == json_rows
+    completed = run["position"][0]
+    assert [row["epoch"] for row in csv_rows] == list(range(1, completed + 1))
+    for row in csv_rows:
+        assert list(row) == metrics_oracle.COLUMNS
+        assert all(math.isfinite(value) for value in row.values()), row
+    assert _without_seconds(csv_rows) == _without_seconds(reference["history"][:completed])
 
 
 def test_sigkill_mid_epoch_leaves_the_last_epochs_checkpoint(runs):
     run = runs[0]["kill_mid_epoch"]
-    assert run["files"] == {"checkpoint.pt": True, "metrics.csv": "text", "metrics.json": "text"}
+    assert run["files"] == {"checkpoint.pt": True, "metrics.csv": True, "metrics.json": True}
     assert run["position"] == (1, 0)
 
 
@@ -156,7 +193,7 @@ def test_sigkill_while_the_checkpoint_is_written_keeps_the_previous_one(runs):
     results, _ = runs
     # The kill really hit the write: the temporary file is there and truncated, the name holds epoch 1.
     assert results["kill_in_checkpoint"]["files"] == {
-        "checkpoint.pt": True, "checkpoint.pt.part": False, "metrics.csv": "text", "metrics.json": "text"}
+        "checkpoint.pt": True, "checkpoint.pt.part": False, "metrics.csv": True, "metrics.json": True}
     assert results["kill_in_checkpoint"]["position"] == (1, 0)
     assert results["kill_in_first_checkpoint"]["files"] == {"checkpoint.pt.part": False}
 

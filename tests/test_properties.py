@@ -8,8 +8,10 @@ interior to the extremes: saturated logits, probabilities at and next to 0 and 1
 logvar, NaN and inf. Low-precision inputs are compared with the oracle evaluated on their own rounded
 values, so only the kernels' arithmetic is judged, not the rounding of the inputs.
 
-The "ci" hypothesis profile (tests/conftest.py) replays a fixed set of examples;
-VAE_FAST_HYPOTHESIS_PROFILE=deep searches fresh ones.
+The "ci" hypothesis profile (tests/conftest.py) replays a fixed set of examples (fixed as long as
+the hypothesis version pinned in pyproject.toml and the tests' source are);
+VAE_FAST_HYPOTHESIS_PROFILE=deep searches fresh ones. The loss's drawn examples all have a nonempty
+batch and a KL weight in (0, 4]; beta = 0 and the empty batch are explicit examples.
 """
 
 import math
@@ -17,7 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 import vae_fast
@@ -291,15 +293,18 @@ def loss_cases(draw):
     logits = draw(st.booleans())
     features = draw(st.one_of(st.sampled_from(FEATURE_EDGES), st.integers(1, MAX_FEATURES)))
     case = {
-        # at most 40000 elements, which bounds the run time; three rows of 2 blocks remain possible
-        "batch": draw(st.sampled_from([b for b in BATCHES if b * features <= 40000])),
+        # at most 40000 elements, which bounds the run time; three rows of 2 blocks remain possible.
+        # Never empty here: the empty batch is an explicit example (EXPLICIT_LOSS_CASES).
+        "batch": draw(st.sampled_from([b for b in BATCHES if b and b * features <= 40000])),
         "features": features,
         "latents": draw(st.one_of(st.sampled_from(LATENT_EDGES), st.integers(1, 70))),
         "logits": logits,
         "reduction": draw(st.sampled_from(REDUCTIONS)),
-        # No beta below 1e-6: one under float32's range is rounded to 0 by the float kernels (then
-        # 0 * inf = NaN for an infinite mu, as torch's float32 math does), and is no KL weight anyone uses.
-        "beta": draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(1e-6, 10))),
+        # A KL weight in (0, 4], so that the KL terms and their gradients are checked in every drawn
+        # example; beta = 0 is an explicit example. No beta below 1e-6: one under float32's range is
+        # rounded to 0 by the float kernels (then 0 * inf = NaN for an infinite mu, as torch's float32
+        # math does), and is no KL weight anyone uses.
+        "beta": draw(st.floats(1e-6, 4.0)),
         "grad_mask": draw(st.tuples(*[st.booleans()] * 4)),
         "layouts": draw(st.tuples(*[st.sampled_from(LAYOUTS)] * 4)),
         "split_x": draw(st.booleans()),  # x as [B, 2, D/2] against recon [B, D]
@@ -332,8 +337,38 @@ def build_loss_inputs(case, dtype, device):
     return tensors
 
 
+def explicit_loss_case(**overrides) -> dict:
+    """A loss_cases() example written out: every gradient asked for, one of each input regime."""
+    case = {"batch": 5, "features": 1025, "latents": 17, "logits": True, "reduction": "sum", "beta": 1.0,
+            "grad_mask": (True, True, True, True), "layouts": ("contiguous", "strided", "offset", "transposed"),
+            "split_x": False, "regimes": (LOGIT_REGIMES[-1], TARGET_REGIMES[-1], MU_REGIMES[-1], LOGVAR_REGIMES[-1]),
+            "grad_output": -0.37, "seed": 1, "specials": []}
+    return {**case, **overrides}
+
+
+# Run before the drawn examples, whatever hypothesis draws: beta = 0 (no KL term; with the two inputs
+# whose KL is inf: an infinite mu, whose row is NaN as 0 * inf is in torch, and a logvar whose exp
+# overflows float32, whose row has no KL term) and the empty batch, once per reduction.
+EXPLICIT_LOSS_CASES = [
+    explicit_loss_case(beta=0.0, specials=[(2, 0.5, INF), (3, 0.25, 100.0)]),
+    explicit_loss_case(beta=0.0, logits=False, reduction="none", regimes=(PROB_REGIMES[-1], TARGET_REGIMES[-1],
+                                                                           "unit", "wide")),
+    *(explicit_loss_case(batch=0, beta=2.5, reduction=reduction) for reduction in REDUCTIONS),
+]
+
+
+def with_examples(cases):
+    """@example(case=c) for each of `cases`, applied to a hypothesis test."""
+    def decorate(test):
+        for case in reversed(cases):
+            test = example(case=case)(test)
+        return test
+    return decorate
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@with_examples(EXPLICIT_LOSS_CASES)
 @given(case=loss_cases())
 def test_vae_loss_matches_float64_oracle(device, dtype, case):
     note(repr(case))
