@@ -67,17 +67,21 @@ inline LossShape check_vae_loss_inputs(const at::Tensor& recon, const at::Tensor
   return {batch, features, latents};
 }
 
-// How a log_scale tensor maps onto recon (mirrors vae_fast.functional.log_scale_kind): one value
-// (any all-ones shape of at most recon's rank), recon's per-sample shape (leading 1s allowed), or
-// recon's shape.
+// How a log_scale tensor of at most recon's rank maps onto recon (mirrors
+// vae_fast.functional.log_scale_kind): one value (any all-ones shape), recon's per-sample shape
+// (leading 1s allowed), or recon's shape.
 inline math::ScaleLayout check_log_scale(const at::Tensor& log_scale, const at::Tensor& recon) {
   TORCH_CHECK_TYPE(log_scale.scalar_type() == recon.scalar_type(), "vae_loss: log_scale has dtype ",
                    log_scale.scalar_type(), " but recon has ", recon.scalar_type(), "; all inputs of the op must share one dtype");
   TORCH_CHECK_VALUE(log_scale.device() == recon.device(), "vae_loss: log_scale is on ", log_scale.device(),
                     " but recon is on ", recon.device());
   const auto shape = log_scale.sizes();
+  // More dimensions would broadcast the per-sample loss to another shape (and its "none" backward
+  // could not sum the gradient back), so it is none of the layouts.
+  TORCH_CHECK_VALUE(log_scale.dim() <= recon.dim(), "vae_loss: log_scale has shape ", shape,
+                    ", more dimensions than recon's ", recon.sizes(), "; drop its extra leading 1s");
   const bool all_ones = std::all_of(shape.begin(), shape.end(), [](int64_t size) { return size == 1; });
-  if (all_ones && log_scale.dim() <= recon.dim()) return math::ScaleLayout::uniform;
+  if (all_ones) return math::ScaleLayout::uniform;
   auto stripped = shape;
   const auto per_sample = recon.sizes().slice(1);
   while (stripped.size() > per_sample.size() && stripped.front() == 1) stripped = stripped.slice(1);
