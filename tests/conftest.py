@@ -14,6 +14,25 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def loss_tolerance(dtype: torch.dtype) -> float:
+    """The loss of `dtype` inputs against float64 on the same (rounded) inputs: it is computed and
+    returned in float32 for every dtype but float64, so float32's bound holds for float16 and
+    bfloat16 inputs too (their measured errors: 4e-9 to 8e-8)."""
+    return TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def gradient_tolerance(dtype: torch.dtype) -> float:
+    """Norm-wise bound for a gradient in `dtype` against float64 on the same (rounded) inputs. A
+    float16/bfloat16 gradient is computed in float32 and rounded to the dtype, once (twice for
+    reduction "none" with a grad_output other than 1: by the kernel, then after the multiply); a
+    rounding errs by at most half the dtype's eps relative, so one eps (2^-10, 2^-7) bounds both,
+    float32's own ~1e-6 being small beside it and the norm averaging the roundings well below
+    their bound (measured: at most 0.35 eps)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).eps
+    return TOLERANCE[dtype]
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     scale = expected.norm().item()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vae_fast
 from vae_fast import reference
-from conftest import DEVICES, TOLERANCE, max_elementwise_relative_error, relative_error
+from conftest import DEVICES, TOLERANCE, gradient_tolerance, loss_tolerance, max_elementwise_relative_error, relative_error
 
 SIZES = [(1, 1, 1), (7, 33, 5), (33, 257, 20), (257, 1000, 64), (1000, 7, 3), (2, 5000, 2)]
 REDUCTIONS = ["sum", "mean", "none"]
@@ -46,11 +46,10 @@ def assert_parity(inputs, dtype, grad_output=None, **kwargs):
     ref_inputs = [t.double() for t in inputs]
     ref_go = None if grad_output is None else grad_output.double()
     ref_loss, ref_grads = loss_and_grads(reference.vae_loss, ref_inputs, ref_go, **kwargs)
-    tol = TOLERANCE[dtype]
-    assert relative_error(loss, ref_loss) <= tol
+    assert relative_error(loss, ref_loss) <= loss_tolerance(dtype)
     for name, g, rg in zip(("recon", "x", "mu", "logvar"), grads, ref_grads):
         assert g.dtype == dtype and g.shape == rg.shape, name
-        assert relative_error(g, rg) <= tol, name
+        assert relative_error(g, rg) <= gradient_tolerance(dtype), name
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))

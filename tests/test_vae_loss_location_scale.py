@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.distributions import Laplace, Normal
 
 import vae_fast
-from conftest import DEVICES, TOLERANCE, max_elementwise_relative_error, relative_error, requires_cuda
+from conftest import DEVICES, gradient_tolerance, loss_tolerance, max_elementwise_relative_error, relative_error, requires_cuda
 
 LIKELIHOODS = ["gaussian", "laplace"]
 SCALES = ["none", "float", "shared", "shared_1", "feature", "element"]
@@ -129,10 +129,10 @@ def test_other_dtypes_within_their_tolerance(likelihood, scale, dtype, device):
     # The oracle sees the inputs as rounded to `dtype`: only the kernel's own error is measured.
     ref_loss, ref_grads = oracle(likelihood, *case, 1.0, "sum", 1.0)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert relative_error(loss, ref_loss) <= TOLERANCE[dtype]
+    assert relative_error(loss, ref_loss) <= loss_tolerance(dtype)
     for name, g in grads.items():
         assert g.dtype == dtype, name
-        assert relative_error(g, ref_grads[name]) <= TOLERANCE[dtype], name
+        assert relative_error(g, ref_grads[name]) <= gradient_tolerance(dtype), name
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
