@@ -10,7 +10,7 @@ from conftest import TOLERANCE, relative_error, requires_cuda
 from test_vae_loss import REDUCTIONS, assert_parity, loss_and_grads, sample_inputs
 
 OPS = ("vae_loss", "reparameterize", "reparameterize_sample", "reparameterize_backward", "reparameterize_noise",
-       "scale_by_grad_output_")
+       "scale_by_grad_output_", "vae_loss_grads_")
 
 
 @pytest.mark.skipif(not _extension.cuda_kernels_compiled(), reason="extension built without CUDA kernels")
