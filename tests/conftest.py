@@ -1,6 +1,8 @@
 """Shared helpers of the test suite: devices to run on and per-dtype tolerances."""
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -122,5 +124,22 @@ def checkpoint_round_trip(model, tmp_path):
     return model_from_checkpoint(load_checkpoint(path), path)
 
 
+@contextlib.contextmanager
+def stream_mismatch_is_an_error():
+    """Turns torch's "The AccumulateGrad node's stream does not match the stream of the node that
+    produced the incoming gradient" warning into an error, every time it is raised (set_warn_always:
+    a once-per-process warning an earlier test raised would otherwise pass unseen). It means a graph
+    from an earlier step, made on another stream, is still alive, and costs a sync per backward."""
+    was_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*AccumulateGrad node's stream does not match")
+            yield
+    finally:
+        torch.set_warn_always(was_always)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-__all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]
+__all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "gradient_tolerance", "loss_tolerance",
+           "max_elementwise_relative_error", "relative_error", "requires_cuda", "stream_mismatch_is_an_error", "vae_fast"]

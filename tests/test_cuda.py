@@ -6,7 +6,7 @@ import torch
 
 import vae_fast
 from vae_fast import _extension, reference
-from conftest import TOLERANCE, relative_error, requires_cuda
+from conftest import TOLERANCE, relative_error, requires_cuda, stream_mismatch_is_an_error
 from test_vae_loss import REDUCTIONS, assert_parity, loss_and_grads, sample_inputs
 
 OPS = ("vae_loss", "reparameterize", "reparameterize_sample", "reparameterize_backward", "reparameterize_noise",
@@ -145,7 +145,9 @@ def test_graph_replay_gives_eager_gradients_through_autograd():
     def step():
         loss = vae_fast.vae_loss(*leaves, logits=True, beta=0.5) * 2.5
         loss.backward()
-        return loss
+        # Detached: the captured loss, kept, would keep its graph and so the leaves' AccumulateGrad
+        # nodes made on the capture stream, which the eager step below would run into (issue 18).
+        return loss.detach()
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -162,7 +164,8 @@ def test_graph_replay_gives_eager_gradients_through_autograd():
     replayed_loss, replayed = loss.clone(), [leaf.grad.clone() for leaf in leaves]
     for leaf in leaves:
         leaf.grad = None
-    eager_loss = step()
+    with stream_mismatch_is_an_error():
+        eager_loss = step()
     assert torch.equal(replayed_loss, eager_loss)
     for got, leaf in zip(replayed, leaves):
         assert torch.equal(got, leaf.grad)
@@ -188,12 +191,13 @@ def test_captured_reparameterize_backward_follows_each_replays_noise():
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z, grad_logvar = step()
+    with stream_mismatch_is_an_error():
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            z, grad_logvar = step()
     seen = []
     for _ in range(3):
         graph.replay()
