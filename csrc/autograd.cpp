@@ -71,18 +71,39 @@ const c10::TypedOperatorHandle<void(at::TensorList, const at::Tensor&)>& scale_b
   return op;
 }
 
-void scale_by_grad_output_op(at::TensorList grads, const at::Tensor& grad_output) {
-  scale_by_grad_output_handle().call(grads, grad_output);
+using LossGradsSignature = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const std::optional<at::Tensor>&, c10::string_view, bool, double, double,
+                                c10::string_view, LossGradMask, const at::Tensor&, bool, at::TensorList);
+
+const c10::TypedOperatorHandle<LossGradsSignature>& vae_loss_grads_handle() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("vae_fast::vae_loss_grads_", "").typed<LossGradsSignature>();
+  return op;
 }
 
-// The op's ADInplaceOrView kernel, for direct calls: autograd learns of an in-place change through
-// the tensor's version counter, which ATen's own in-place ops bump here. The CUDA kernel writes
-// through a raw pointer, so without this its changes would go unseen. (VaeLoss::backward calls the
-// op below this kernel and keeps its own record; see there.)
+// The two in-place ops' ADInplaceOrView kernels, for direct calls: autograd learns of an in-place
+// change through the tensor's version counter, which ATen's own in-place ops bump here. The kernels
+// write through raw pointers, so without this their changes would go unseen. (VaeLoss::backward
+// calls the ops below these kernels: it writes only into gradients that have not left the node.)
 void scale_by_grad_output_ad_inplace_or_view(c10::DispatchKeySet keys, at::TensorList grads, const at::Tensor& grad_output) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     scale_by_grad_output_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, grads, grad_output);
+  }
+  for (const at::Tensor& grad : grads) torch::autograd::impl::bump_version(grad);
+}
+
+void vae_loss_grads_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& recon, const at::Tensor& x,
+                                       const at::Tensor& mu, const at::Tensor& logvar,
+                                       const std::optional<at::Tensor>& log_scale, c10::string_view likelihood,
+                                       bool logits, double log_scale_value, double beta, c10::string_view reduction,
+                                       LossGradMask grad_mask, const at::Tensor& grad_output, bool keep_if_one,
+                                       at::TensorList grads) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    vae_loss_grads_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, recon, x, mu, logvar, log_scale,
+                                       likelihood, logits, log_scale_value, beta, reduction, grad_mask, grad_output,
+                                       keep_if_one, grads);
   }
   for (const at::Tensor& grad : grads) torch::autograd::impl::bump_version(grad);
 }
@@ -132,8 +153,8 @@ class Reparameterize : public torch::autograd::Function<Reparameterize> {
   }
 };
 
-// The forward pass already computed every wanted gradient of the (reduced) loss; backward scales
-// them by grad_output, in place and only when grad_output is not 1 (decided on the device on CUDA).
+// The forward pass already computed every wanted gradient of the (reduced) loss; backward hands
+// them out times grad_output (see scaled_gradients for "sum" and "mean").
 class VaeLoss : public torch::autograd::Function<VaeLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
@@ -143,7 +164,14 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale] =
         vae_loss_op(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
-    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale});
+    // The inputs too: a backward whose grad_output is not 1 computes the gradients again from them.
+    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, recon, x, mu, logvar,
+                            log_scale.value_or(at::Tensor())});
+    ctx->saved_data["likelihood"] = std::string(likelihood);
+    ctx->saved_data["logits"] = logits;
+    ctx->saved_data["log_scale_value"] = log_scale_value;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["per_sample"] = reduction == "none";
     int64_t mask = 0;
     for (size_t i = 0; i < grad_mask.size(); ++i) mask |= static_cast<int64_t>(grad_mask[i]) << i;
@@ -168,23 +196,26 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
                 "wrong second derivatives); use vae_fast.reference.vae_loss for those");
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
     const int64_t mask = ctx->saved_data["grad_mask"].toInt();
-    variable_list saved = ctx->get_saved_variables();
-    std::vector<at::Tensor> scaled_in_place;
-    // saved[i] is the gradient of input i for the tensor inputs recon, x, mu, logvar, log_scale
-    // (schema positions 0-4).
+    // saved[i], i < 5, is the gradient of input i for the tensor inputs recon, x, mu, logvar,
+    // log_scale (schema positions 0-4); saved[5 + i] is input i itself.
+    const variable_list saved = ctx->get_saved_variables();
     const bool has_log_scale = ctx->saved_data.find("log_scale_shape") != ctx->saved_data.end();
-    for (size_t i = 0; i < saved.size(); ++i) {
+    const bool by_kernel = !per_sample && !traced;
+    const variable_list grads =
+        by_kernel ? scaled_gradients(ctx, saved, grad_loss) : variable_list(saved.begin(), saved.begin() + 5);
+    for (size_t i = 0; i < grads.size(); ++i) {
       // Without a log_scale tensor the node has no fifth input edge to ask about.
       if ((i == 4 && !has_log_scale) || !ctx->needs_input_grad(i)) continue;
       TORCH_CHECK((mask >> i) & 1, "vae_fast::vae_loss was called with grad_mask[", i,
                   "]=False for an input that requires grad; call vae_fast.vae_loss, which sets the mask");
-      at::Tensor& grad = saved[i];
-      const bool is_log_scale = i == 4;
-      if (per_sample) {
+      const at::Tensor& grad = grads[i];
+      if (by_kernel) {
+        result[i] = grad;
+      } else if (per_sample) {
         std::vector<int64_t> shape(grad.dim(), 1);
         shape[0] = -1;
         at::Tensor weighted = grad * grad_loss.reshape(shape);
-        if (is_log_scale) {
+        if (i == 4) {
           // Each element's derivative, weighed by its sample's grad_output, summed to log_scale's shape.
           weighted = weighted.sum_to_size(ctx->saved_data["log_scale_shape"].toIntVector())
                          .to(ctx->saved_data["log_scale_dtype"].toScalarType());
@@ -192,40 +223,60 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
         } else {
           result[i] = weighted.to(grad.scalar_type());
         }
-      } else if (traced) {
-        result[i] = (grad * grad_loss).to(grad.scalar_type());  // the compiler fuses this multiply
       } else {
-        scaled_in_place.push_back(grad);
-        result[i] = grad;
+        result[i] = (grad * grad_loss).to(grad.scalar_type());  // traced: the compiler fuses this multiply
       }
     }
-    if (!scaled_in_place.empty()) scale_saved_gradients(ctx, scaled_in_place, grad_loss);
     return result;
   }
 
  private:
-  // Scales the saved gradients in place (no copy, and no pass at all when grad_output is 1, which
-  // CUDA decides on the device). A later backward through the same graph (retain_graph=True) would
-  // then read scaled values: it is refused, on every device alike, unless every earlier backward
-  // had grad_output 1 and so changed nothing. Autograd's version counter cannot make that call
-  // without a host sync in every backward (CUDA's kernel decides on the device), so this node
-  // keeps the last factor and reads it back only in a repeated backward, which is rare.
-  static void scale_saved_gradients(AutogradContext* ctx, const std::vector<at::Tensor>& grads, const at::Tensor& grad_loss) {
-    const auto earlier = ctx->saved_data.find("scaled_by");
-    if (earlier != ctx->saved_data.end()) {
-      const double factor = earlier->second.toTensor().item<double>();
-      TORCH_CHECK(factor == 1.0,
-                  "vae_fast.vae_loss: a second backward through this loss is not supported after a backward whose "
-                  "grad_output was ", factor, " (not 1): the gradients it saved were scaled in place by that "
-                  "backward. Compute the loss again for another backward, or backward once through the sum of "
-                  "the scaled losses.");
+  // The gradients of the reduced loss times grad_output. The first backward hands out the saved
+  // gradients themselves: with grad_output 1 (the usual `loss.backward()`) untouched, decided on
+  // the device on CUDA (no host sync), so the common path costs one call and no pass over the data.
+  // Otherwise they are rewritten in place before they leave, in one of two ways:
+  // - float16/bfloat16: computed again by the loss kernel with grad_output in its scale, so the
+  //   factor applies in float before the one rounding to the dtype. The stored gradient times the
+  //   factor would be inf where it passed 65504 (float16's p = 1e-5 gives -99865; times 1/4 for
+  //   gradient accumulation, finite), would have lost the digits of a float16 subnormal that a
+  //   loss scale brings back, and is rounded twice (up to a unit of bfloat16's 8 bits).
+  // - float32/float64: the stored gradient times the factor, in place: one read and write of each,
+  //   where computing again costs a forward pass (1.6-1.8x the loss's forward+backward on a CPU),
+  //   and what torch's own backward of `loss * c` computes, within the dtype's range.
+  // A gradient that has left the node belongs to the caller (a hook may keep it, AccumulateGrad
+  // may make it .grad and add into it), so every later backward through the graph
+  // (retain_graph=True) computes new tensors from the saved inputs with its own grad_output:
+  // nothing handed out ever changes, and nothing the caller does changes a later backward.
+  static variable_list scaled_gradients(AutogradContext* ctx, const variable_list& saved, const at::Tensor& grad_loss) {
+    const int64_t mask = ctx->saved_data["grad_mask"].toInt();
+    LossGradMask grad_mask{};
+    for (size_t i = 0; i < grad_mask.size(); ++i) grad_mask[i] = (mask >> i) & 1;
+    const bool first = ctx->saved_data.find("handed_out") == ctx->saved_data.end();
+    ctx->saved_data["handed_out"] = true;
+    variable_list grads(saved.begin(), saved.begin() + 5);
+    at::AutoDispatchBelowADInplaceOrView guard;  // no version bumps: see the ADInplaceOrView kernels
+    const bool half = at::isReducedFloatingType(saved[5].scalar_type());
+    if (first && !half) {
+      std::vector<at::Tensor> wanted;  // one call for every gradient (one launch on CUDA)
+      for (size_t i = 0; i < grads.size(); ++i) {
+        if (grad_mask[i]) wanted.push_back(grads[i]);
+      }
+      scale_by_grad_output_handle().call(wanted, grad_loss);
+      return grads;
     }
-    // One call for every gradient (one launch on CUDA): at small batches calls cost more than bytes.
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;  // the record above replaces the version bump
-      scale_by_grad_output_op(grads, grad_loss);
+    if (!first) {
+      for (size_t i = 0; i < grads.size(); ++i) {
+        if (grad_mask[i]) grads[i] = at::empty_like(grads[i], at::MemoryFormat::Contiguous);
+      }
     }
-    ctx->saved_data["scaled_by"] = grad_loss;
+    const std::optional<at::Tensor> log_scale =
+        saved[9].defined() ? std::optional<at::Tensor>(saved[9]) : std::optional<at::Tensor>();
+    vae_loss_grads_handle().call(saved[5], saved[6], saved[7], saved[8], log_scale,
+                                 ctx->saved_data["likelihood"].toStringRef(), ctx->saved_data["logits"].toBool(),
+                                 ctx->saved_data["log_scale_value"].toDouble(), ctx->saved_data["beta"].toDouble(),
+                                 ctx->saved_data["reduction"].toStringRef(), grad_mask, grad_loss,
+                                 /*keep_if_one=*/first, grads);
+    return grads;
   }
 };
 
@@ -249,6 +300,7 @@ LossResult vae_loss_autograd(const at::Tensor& recon, const at::Tensor& x, const
 
 TORCH_LIBRARY_IMPL(vae_fast, ADInplaceOrView, m) {
   m.impl("scale_by_grad_output_", &scale_by_grad_output_ad_inplace_or_view);
+  m.impl("vae_loss_grads_", &vae_loss_grads_ad_inplace_or_view);
 }
 
 TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) {

@@ -60,8 +60,17 @@ TORCH_LIBRARY(vae_fast, m) {
         "float log_scale_value, float beta, str reduction, bool[5] grad_mask) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output (one element) for every grad of the list, in place, in one call (one launch
-  // on CUDA), skipped when grad_output is 1: the backward of vae_loss with reduction "sum"/"mean",
-  // without a host sync on CUDA. Its ADInplaceOrView kernel (csrc/autograd.cpp) bumps each grad's
-  // version on every device, so autograd sees the mutation.
+  // on CUDA), skipped when grad_output is 1: the first backward of vae_loss with reduction
+  // "sum"/"mean" for float32/float64 inputs, without a host sync on CUDA. Its ADInplaceOrView kernel
+  // (csrc/autograd.cpp) bumps each grad's version on every device, so autograd sees the mutation.
   m.def("scale_by_grad_output_(Tensor(a!)[] grads, Tensor grad_output) -> ()");
+  // The gradients of vae_loss's reduced loss ("sum" or "mean") times grad_output (one element),
+  // computed again from the inputs into `grads` (the five gradient outputs of vae_loss, in place), so
+  // that the factor applies in float before rounding to the gradient's dtype. With keep_if_one and
+  // grad_output 1 (the usual `loss.backward()`), grads are left as they are, decided on the device
+  // on CUDA (no host sync). Its ADInplaceOrView kernel (csrc/autograd.cpp) bumps each grad's
+  // version, so autograd sees the mutation.
+  m.def("vae_loss_grads_(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, str likelihood, "
+        "bool logits, float log_scale_value, float beta, str reduction, bool[5] grad_mask, Tensor grad_output, "
+        "bool keep_if_one, Tensor(a!)[] grads) -> ()");
 }

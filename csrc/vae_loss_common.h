@@ -67,17 +67,21 @@ inline LossShape check_vae_loss_inputs(const at::Tensor& recon, const at::Tensor
   return {batch, features, latents};
 }
 
-// How a log_scale tensor maps onto recon (mirrors vae_fast.functional.log_scale_kind): one value
-// (any all-ones shape of at most recon's rank), recon's per-sample shape (leading 1s allowed), or
-// recon's shape.
+// How a log_scale tensor of at most recon's rank maps onto recon (mirrors
+// vae_fast.functional.log_scale_kind): one value (any all-ones shape), recon's per-sample shape
+// (leading 1s allowed), or recon's shape.
 inline math::ScaleLayout check_log_scale(const at::Tensor& log_scale, const at::Tensor& recon) {
   TORCH_CHECK_TYPE(log_scale.scalar_type() == recon.scalar_type(), "vae_loss: log_scale has dtype ",
                    log_scale.scalar_type(), " but recon has ", recon.scalar_type(), "; all inputs of the op must share one dtype");
   TORCH_CHECK_VALUE(log_scale.device() == recon.device(), "vae_loss: log_scale is on ", log_scale.device(),
                     " but recon is on ", recon.device());
   const auto shape = log_scale.sizes();
+  // More dimensions would broadcast the per-sample loss to another shape (and its "none" backward
+  // could not sum the gradient back), so it is none of the layouts.
+  TORCH_CHECK_VALUE(log_scale.dim() <= recon.dim(), "vae_loss: log_scale has shape ", shape,
+                    ", more dimensions than recon's ", recon.sizes(), "; drop its extra leading 1s");
   const bool all_ones = std::all_of(shape.begin(), shape.end(), [](int64_t size) { return size == 1; });
-  if (all_ones && log_scale.dim() <= recon.dim()) return math::ScaleLayout::uniform;
+  if (all_ones) return math::ScaleLayout::uniform;
   auto stripped = shape;
   const auto per_sample = recon.sizes().slice(1);
   while (stripped.size() > per_sample.size() && stripped.front() == 1) stripped = stripped.slice(1);
@@ -121,10 +125,11 @@ struct LossCall {
   }
 };
 
-inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
-                                  const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
-                                  c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
-                                  const std::array<bool, 5>& grad_mask) {
+// The checked, contiguous inputs of a call; its gradient tensors are left for the caller to set.
+inline LossCall prepare_loss_inputs(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
+                                    const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+                                    c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
+                                    const std::array<bool, 5>& grad_mask) {
   LossCall call;
   call.reduction = parse_reduction(reduction);
   call.likelihood = parse_likelihood(likelihood);
@@ -143,6 +148,15 @@ inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, 
   call.mu = mu.contiguous();
   call.logvar = logvar.contiguous();
   if (log_scale.has_value()) call.log_scale = log_scale->contiguous();
+  return call;
+}
+
+// vae_fast::vae_loss: the inputs, and its gradient outputs allocated (or empty placeholders).
+inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
+                                  const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+                                  c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
+                                  const std::array<bool, 5>& grad_mask) {
+  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
   call.grad_recon = maybe_grad_like(recon, grad_mask[0]);
   call.grad_x = maybe_grad_like(x, grad_mask[1]);
   call.grad_mu = maybe_grad_like(mu, grad_mask[2]);
@@ -153,6 +167,42 @@ inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, 
   } else {
     call.grad_log_scale = log_scale.has_value() ? maybe_grad_like(*log_scale, grad_mask[4]) : at::empty({0}, recon.options());
   }
+  return call;
+}
+
+// vae_fast::vae_loss_grads_ has one element of grad_output (the reduced loss's incoming gradient).
+inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& recon) {
+  TORCH_CHECK_VALUE(grad_output.numel() == 1, "vae_loss_grads_: grad_output must have one element, got shape ",
+                    grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.device() == recon.device(), "vae_loss_grads_: grad_output is on ", grad_output.device(),
+                    " but recon is on ", recon.device());
+}
+
+// vae_fast::vae_loss_grads_: the inputs, with the given gradient tensors as the outputs; each wanted
+// one must be what vae_fast::vae_loss returned for it (the input's shape and dtype, contiguous).
+inline LossCall prepare_loss_grads_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
+                                        const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
+                                        c10::string_view likelihood, bool logits, double beta,
+                                        c10::string_view reduction, const std::array<bool, 5>& grad_mask,
+                                        at::TensorList grads) {
+  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+  TORCH_CHECK_VALUE(call.reduction != Reduction::none, "vae_loss_grads_: reduction must be 'sum' or 'mean', got 'none'");
+  TORCH_CHECK_VALUE(grads.size() == 5, "vae_loss_grads_: grads must hold 5 tensors (recon, x, mu, logvar, log_scale), got ",
+                    grads.size());
+  const std::array<const at::Tensor*, 5> inputs{&recon, &x, &mu, &logvar, &call.log_scale};
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!grad_mask[i]) continue;
+    TORCH_CHECK_VALUE(grads[i].sizes() == inputs[i]->sizes() && grads[i].scalar_type() == recon.scalar_type() &&
+                          grads[i].device() == recon.device() && grads[i].is_contiguous(),
+                      "vae_loss_grads_: grads[", i, "] must be contiguous, of shape ", inputs[i]->sizes(), ", dtype ",
+                      recon.scalar_type(), " and on ", recon.device(), "; got ", grads[i].sizes(), ", ",
+                      grads[i].scalar_type(), ", ", grads[i].device());
+  }
+  call.grad_recon = grads[0];
+  call.grad_x = grads[1];
+  call.grad_mu = grads[2];
+  call.grad_logvar = grads[3];
+  call.grad_log_scale = grads[4];
   return call;
 }
 

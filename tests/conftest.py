@@ -1,6 +1,8 @@
 """Shared helpers of the test suite: devices to run on and per-dtype tolerances."""
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,25 @@ DEVICES = ["cpu"] + ([pytest.param("cuda", marks=requires_cuda)] if torch.cuda.i
 
 # Norm-wise relative error allowed against a float64 reference, per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def loss_tolerance(dtype: torch.dtype) -> float:
+    """The loss of `dtype` inputs against float64 on the same (rounded) inputs: it is computed and
+    returned in float32 for every dtype but float64, so float32's bound holds for float16 and
+    bfloat16 inputs too (their measured errors: 2e-9 to 8e-8)."""
+    return TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def gradient_tolerance(dtype: torch.dtype) -> float:
+    """Norm-wise bound for a gradient in `dtype` against float64 on the same (rounded) inputs. A
+    float16/bfloat16 gradient is computed in float32 and rounded to the dtype, once (twice for
+    reduction "none" with a grad_output other than 1: by the kernel, then after the multiply); a
+    rounding errs by at most half the dtype's eps relative, so one eps (2^-10, 2^-7) bounds both,
+    float32's own ~1e-6 being small beside it and the norm averaging the roundings well below
+    their bound (measured: at most 0.35 eps)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.finfo(dtype).eps
+    return TOLERANCE[dtype]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -111,4 +132,21 @@ def pytest_runtest_setup(item):
         pytest.skip("needs a CUDA device")
 
 
-__all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "max_elementwise_relative_error", "relative_error", "requires_cuda", "vae_fast"]
+@contextlib.contextmanager
+def stream_mismatch_is_an_error():
+    """Turns torch's "The AccumulateGrad node's stream does not match the stream of the node that
+    produced the incoming gradient" warning into an error, every time it is raised (set_warn_always:
+    a once-per-process warning an earlier test raised would otherwise pass unseen). It means a graph
+    from an earlier step, made on another stream, is still alive, and costs a sync per backward."""
+    was_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*AccumulateGrad node's stream does not match")
+            yield
+    finally:
+        torch.set_warn_always(was_always)
+
+
+__all__ = ["DEVICES", "TOLERANCE", "checkpoint_round_trip", "gradient_tolerance", "loss_tolerance",
+           "max_elementwise_relative_error", "relative_error", "requires_cuda", "stream_mismatch_is_an_error", "vae_fast"]

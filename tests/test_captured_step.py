@@ -15,7 +15,7 @@ from vae_fast.captured_step import CapturedStep
 from vae_fast.checkpoints import load_checkpoint
 from vae_fast.train_step import make_optimizer
 from vae_fast.training import train
-from conftest import requires_cuda
+from conftest import requires_cuda, stream_mismatch_is_an_error
 from test_training import _config, _interrupted_after_step, _same_run, _toy
 
 
@@ -55,6 +55,23 @@ def test_capture_puts_weights_adam_and_the_generator_back_and_replays_train():
             losses.append(model.loss(x).item())
     assert all(s["step"].item() == 20 for s in step.optimizer.state.values())
     assert losses[-1] < losses[0]
+
+
+@requires_cuda
+def test_captures_and_eager_steps_leave_no_graph_on_another_stream():
+    """Issue 18, item 6: a loss_of_batch that returns the loss alone made the captured step keep that
+    loss, hence its graph and every parameter's AccumulateGrad node made on the capture stream; the
+    next shape's warm-up (on another side stream) and any eager backward then ran into those nodes:
+    torch warned of the stream mismatch and synchronized. The returned outputs hold no graph."""
+    torch.manual_seed(0)
+    model = vae_fast.VAE(64, latent_dim=4, hidden_dims=(32,)).cuda()
+    step = CapturedStep(lambda x: model.loss(x), make_optimizer(model.parameters(), 1e-3, capturable=True))
+    with stream_mismatch_is_an_error():
+        for batch in (32, 7, 32):  # the 7: a capture of its own, after the first
+            loss = step(torch.rand(batch, 64, device="cuda"))
+            assert loss.grad_fn is None and not loss.requires_grad
+        model.loss(torch.rand(8, 64, device="cuda")).backward()  # an eager backward after the captures
+    torch.cuda.synchronize()
 
 
 @requires_cuda

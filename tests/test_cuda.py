@@ -6,11 +6,11 @@ import torch
 
 import vae_fast
 from vae_fast import _extension, reference
-from conftest import TOLERANCE, relative_error, requires_cuda
+from conftest import TOLERANCE, gradient_tolerance, relative_error, requires_cuda, stream_mismatch_is_an_error
 from test_vae_loss import REDUCTIONS, assert_parity, loss_and_grads, sample_inputs
 
 OPS = ("vae_loss", "reparameterize", "reparameterize_sample", "reparameterize_backward", "reparameterize_noise",
-       "scale_by_grad_output_")
+       "scale_by_grad_output_", "vae_loss_grads_")
 
 
 @pytest.mark.skipif(not _extension.cuda_kernels_compiled(), reason="extension built without CUDA kernels")
@@ -136,16 +136,19 @@ def test_cuda_graph_capture_and_replay():
 
 
 @requires_cuda
-def test_graph_replay_gives_eager_gradients_through_autograd():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # scaled, or computed again
+def test_graph_replay_gives_eager_gradients_through_autograd(dtype):
     """A captured forward+backward through autograd, with grad_output != 1 so the device-side
     scaling runs too, replays to the bits of the same step run eagerly."""
-    inputs = sample_inputs(128, 784, 20, logits=True, device="cuda", seed=5)
+    inputs = sample_inputs(128, 784, 20, logits=True, dtype=dtype, device="cuda", seed=5)
     leaves = [t.clone().requires_grad_() for t in inputs]
 
     def step():
         loss = vae_fast.vae_loss(*leaves, logits=True, beta=0.5) * 2.5
         loss.backward()
-        return loss
+        # Detached: the captured loss, kept, would keep its graph and so the leaves' AccumulateGrad
+        # nodes made on the capture stream, which the eager step below would run into (issue 18).
+        return loss.detach()
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -162,14 +165,15 @@ def test_graph_replay_gives_eager_gradients_through_autograd():
     replayed_loss, replayed = loss.clone(), [leaf.grad.clone() for leaf in leaves]
     for leaf in leaves:
         leaf.grad = None
-    eager_loss = step()
+    with stream_mismatch_is_an_error():
+        eager_loss = step()
     assert torch.equal(replayed_loss, eager_loss)
     for got, leaf in zip(replayed, leaves):
         assert torch.equal(got, leaf.grad)
     ref = [t.double().requires_grad_() for t in inputs]
     (reference.vae_loss(*ref, logits=True, beta=0.5) * 2.5).backward()
     for got, want in zip(replayed, ref):
-        assert relative_error(got, want.grad) <= TOLERANCE[torch.float32]
+        assert relative_error(got, want.grad) <= gradient_tolerance(dtype)
 
 
 @requires_cuda
@@ -188,12 +192,13 @@ def test_captured_reparameterize_backward_follows_each_replays_noise():
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z, grad_logvar = step()
+    with stream_mismatch_is_an_error():
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            z, grad_logvar = step()
     seen = []
     for _ in range(3):
         graph.replay()
@@ -274,9 +279,10 @@ def test_grad_output_scales_gradients_on_cuda(reduction, dtype):
 
 
 @requires_cuda
-def test_forward_and_backward_never_sync_the_host():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # scaled, or computed again
+def test_forward_and_backward_never_sync_the_host(dtype):
     """The README promises no device-to-host sync in the ops: torch raises under "error" mode if one does."""
-    inputs = [t.requires_grad_() for t in sample_inputs(64, 784, 20, logits=True, device="cuda")]
+    inputs = [t.requires_grad_() for t in sample_inputs(64, 784, 20, logits=True, dtype=dtype, device="cuda")]
     generator = torch.Generator("cuda").manual_seed(0)
     for reduction in REDUCTIONS:
         for factor in (1.0, 2.5):

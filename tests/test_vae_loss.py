@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import vae_fast
 from vae_fast import reference
-from conftest import DEVICES, TOLERANCE, max_elementwise_relative_error, relative_error
+from conftest import DEVICES, TOLERANCE, gradient_tolerance, loss_tolerance, max_elementwise_relative_error, relative_error
 
 SIZES = [(1, 1, 1), (7, 33, 5), (33, 257, 20), (257, 1000, 64), (1000, 7, 3), (2, 5000, 2)]
 REDUCTIONS = ["sum", "mean", "none"]
@@ -46,11 +46,10 @@ def assert_parity(inputs, dtype, grad_output=None, **kwargs):
     ref_inputs = [t.double() for t in inputs]
     ref_go = None if grad_output is None else grad_output.double()
     ref_loss, ref_grads = loss_and_grads(reference.vae_loss, ref_inputs, ref_go, **kwargs)
-    tol = TOLERANCE[dtype]
-    assert relative_error(loss, ref_loss) <= tol
+    assert relative_error(loss, ref_loss) <= loss_tolerance(dtype)
     for name, g, rg in zip(("recon", "x", "mu", "logvar"), grads, ref_grads):
         assert g.dtype == dtype and g.shape == rg.shape, name
-        assert relative_error(g, rg) <= tol, name
+        assert relative_error(g, rg) <= gradient_tolerance(dtype), name
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
@@ -361,24 +360,79 @@ def test_mixed_dtypes_are_promoted():
     assert relative_error(loss, expected) <= 1e-5
 
 
+def reference_grads(inputs, factor, **kwargs):
+    """d (factor * loss) / d input for each input, from the pure-torch reference in float64."""
+    _, grads = loss_and_grads(reference.vae_loss, [t.double().cpu() for t in inputs], torch.tensor(float(factor),
+                              dtype=torch.float64), **kwargs)
+    return grads
+
+
+def assert_close_to(grads, expected, dtype=torch.float32):
+    for name, g, e in zip(("recon", "x", "mu", "logvar"), grads, expected):
+        assert relative_error(g.cpu(), e) <= gradient_tolerance(dtype), name
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_second_backward_through_a_scaled_loss_is_refused(device):
-    """The saved gradients are scaled in place: a second backward must fail autograd's version check
-    on every device (on CUDA, where the kernel writes through a raw pointer, it used to return 12g
-    instead of 6g for `loss * 3`)."""
-    inputs = [t.requires_grad_() for t in sample_inputs(3, 5, 2, logits=True, device=device)]
-    loss = vae_fast.vae_loss(*inputs, logits=True) * 3.0
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # the two ways of scaling
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("factors", [(1.0, 2.0), (3.0, 0.5), (0.0, 1.0)], ids=str)
+def test_a_gradient_handed_out_never_changes_again(device, dtype, reduction, factors):
+    """Issue 18, item 1: a backward through a retained graph must not rewrite a gradient an earlier
+    backward returned (it used to scale the saved tensor, which the first backward had handed out,
+    in place: `loss` then `2 * loss` doubled the first gradient), and it must not be refused."""
+    inputs = [t.requires_grad_() for t in sample_inputs(5, 12, 3, logits=True, dtype=dtype, device=device, seed=6)]
+    loss = vae_fast.vae_loss(*inputs, logits=True, reduction=reduction)
+    first = torch.autograd.grad(factors[0] * loss, inputs, retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(factors[1] * loss, inputs)
+    for g, k in zip(first, kept):
+        assert torch.equal(g, k)
+    assert_close_to(first, reference_grads(inputs, factors[0], logits=True, reduction=reduction), dtype)
+    assert_close_to(second, reference_grads(inputs, factors[1], logits=True, reduction=reduction), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_gradient_a_hook_kept_never_changes_again(device):
+    """The same through a tensor hook that stashes the gradient, with loss.backward()."""
+    inputs = [t.requires_grad_() for t in sample_inputs(5, 12, 3, logits=True, device=device, seed=7)]
+    stash = []
+    inputs[0].register_hook(stash.append)
+    loss = vae_fast.vae_loss(*inputs, logits=True)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second backward through this loss is not supported after a backward whose grad_output was 3"):
-        loss.backward()
+    kept = stash[0].clone()
+    (loss * 3.0).backward(retain_graph=True)
+    loss.backward(torch.tensor(-0.5, device=device))
+    assert torch.equal(stash[0], kept)
+    expected = [reference_grads(inputs, f, logits=True)[0] for f in (1.0, 3.0, -0.5)]
+    for got, e in zip(stash, expected):
+        assert relative_error(got.cpu(), e) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seeds", [(2.0, 1.0), (1.0, 2.0)], ids=str)
+def test_repeated_backward_reads_its_own_grad_output(device, seeds):
+    """Issue 18, item 2: the node kept the caller's grad_output tensor to check a later backward, so
+    `seed.fill_(1)` after a backward with 2 made the next backward return the first gradient again
+    (expected half), and the reverse order raised a false error. Each backward scales by the value
+    its grad_output has when it runs."""
+    inputs = [t.requires_grad_() for t in sample_inputs(4, 9, 2, logits=True, device=device, seed=8)]
+    loss = vae_fast.vae_loss(*inputs, logits=True)
+    seed = torch.tensor(seeds[0], device=device)
+    loss.backward(seed, retain_graph=True)
+    first = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    seed.fill_(seeds[1])
+    loss.backward(seed)
+    assert_close_to(first, reference_grads(inputs, seeds[0], logits=True))
+    assert_close_to([t.grad for t in inputs], reference_grads(inputs, seeds[1], logits=True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_repeated_backward_after_grad_output_one_accumulates_exactly(device, reduction):
-    """grad_output 1 changes nothing in place, so backward may run again through a retained graph
-    (gradcheck does): the second gives the same gradient again, and a third after a scaled second
-    is refused."""
+def test_repeated_backward_accumulates_exactly(device, reduction):
+    """Every backward through a retained graph (gradcheck runs several) gives the gradient of the
+    first, times its own grad_output: the same bits for 1, exact halves for 0.5."""
     inputs = sample_inputs(4, 9, 3, logits=True, device=device, seed=3)
     _, once = loss_and_grads(vae_fast.vae_loss, inputs, logits=True, reduction=reduction)
     leaves = [t.clone().requires_grad_() for t in inputs]
@@ -388,29 +442,25 @@ def test_repeated_backward_after_grad_output_one_accumulates_exactly(device, red
     for leaf, g in zip(leaves, once):
         assert torch.equal(leaf.grad, 2 * g)
     loss.backward(torch.tensor(0.5, device=device), retain_graph=True)
+    loss.backward()
     for leaf, g in zip(leaves, once):
-        assert torch.equal(leaf.grad, 2.5 * g)
-    with pytest.raises(RuntimeError, match="grad_output was 0.5"):
-        loss.backward()
+        assert torch.equal(leaf.grad, 2.5 * g + g)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_backward_scales_low_precision_gradients_in_float(dtype):
-    """(loss * c).backward() must give round(float(g) * c) for the unscaled low-precision gradient
-    g, with c in float as the loss is: rounding c to the gradient's dtype first (1.3 -> 1.296875 in
-    bfloat16, 1.001 -> 1 in bfloat16) would scale by another number, or not at all."""
+    """(loss * c).backward() must give the float gradient times c (c in float, as the loss is),
+    rounded once to the dtype: rounding the gradient first and scaling after rounds twice (and
+    overflows float16 above 65504), rounding c to the gradient's dtype first (1.3 -> 1.296875 in
+    bfloat16, 1.001 -> 1 in bfloat16) would scale by another number, or not at all. The float
+    gradient comes from the float32 kernel on the same (exactly widened) values."""
     inputs = sample_inputs(16, 40, 6, logits=True, dtype=dtype, seed=4)
-    for factor in (1.3, 1.001, -0.7):
-        unscaled = [t.detach().clone().requires_grad_() for t in inputs]
-        vae_fast.vae_loss(*unscaled, logits=True).backward()
-        scaled = [t.detach().clone().requires_grad_() for t in inputs]
-        (vae_fast.vae_loss(*scaled, logits=True) * factor).backward()
-        for plain, times in zip(unscaled, scaled):
-            if plain.grad is None:
-                continue
-            # One float multiply, then one rounding to the dtype: what float math of the factor gives.
-            expected = (plain.grad.float() * torch.tensor(factor, dtype=torch.float32)).to(dtype)
-            assert torch.equal(times.grad, expected), (factor, (times.grad.double() - expected.double()).abs().max())
+    _, float_grads = loss_and_grads(vae_fast.vae_loss, [t.float() for t in inputs], logits=True)
+    for factor in (1.3, 1.001, -0.7, 2.0**-12):
+        _, grads = loss_and_grads(vae_fast.vae_loss, inputs, torch.tensor(factor), logits=True)
+        for got, g in zip(grads, float_grads):
+            expected = (g * torch.tensor(factor, dtype=torch.float32)).to(dtype)
+            assert torch.equal(got, expected), (factor, (got.double() - expected.double()).abs().max())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -440,6 +490,50 @@ def test_scale_by_grad_output_op_checks_its_arguments():
         op([torch.ones(3), torch.ones(3, dtype=torch.float64)], torch.tensor(2.0))
     with pytest.raises(ValueError, match="contiguous"):
         op([torch.ones(3, 4).t()], torch.tensor(2.0))
+
+
+def _grads_op_args(inputs, grad_output, keep_if_one, grads, reduction="sum"):
+    return (*inputs, None, "bernoulli", True, 0.0, 0.7, reduction, [True] * 4 + [False], grad_output, keep_if_one, grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_vae_loss_grads_op(device, dtype, reduction):
+    """The op writes every wanted gradient times grad_output into the given tensors, leaves them
+    alone for grad_output 1 with keep_if_one, and bumps each tensor's version once, so autograd sees
+    the change (the kernels write through raw pointers)."""
+    op = torch.ops.vae_fast.vae_loss_grads_
+    inputs = sample_inputs(6, 70, 3, logits=True, dtype=dtype, device=device, seed=5)
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for value, keep_if_one in itertools.product((1.0, -2.5, 1.001), (True, False)):
+        factor = torch.tensor(value, device=device, dtype=loss_dtype)
+        sentinel = [torch.full(t.shape, 7.0, device=device, dtype=dtype) for t in inputs] + [torch.empty(0, device=device)]
+        torch.library.opcheck(op.default, _grads_op_args(inputs, factor, keep_if_one, [g.clone() for g in sentinel],
+                                                         reduction))
+        grads = [g.clone() for g in sentinel]
+        versions = [g._version for g in grads]
+        op(*_grads_op_args(inputs, factor, keep_if_one, grads, reduction))
+        assert [g._version for g in grads] == [v + 1 for v in versions]
+        if keep_if_one and value == 1.0:
+            assert all(torch.equal(g, s) for g, s in zip(grads, sentinel))
+        else:
+            expected = reference_grads(inputs, value, logits=True, beta=0.7, reduction=reduction)
+            assert_close_to(grads, expected, dtype)
+
+
+def test_vae_loss_grads_op_checks_its_arguments():
+    op = torch.ops.vae_fast.vae_loss_grads_
+    inputs = sample_inputs(3, 4, 2, logits=True)
+    grads = [torch.empty_like(t) for t in inputs] + [torch.empty(0)]
+    with pytest.raises(ValueError, match="grad_output must have one element"):
+        op(*_grads_op_args(inputs, torch.ones(2), False, grads))
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
+        op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads, reduction="none"))
+    with pytest.raises(ValueError, match=r"grads must hold 5 tensors"):
+        op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads[:4]))
+    with pytest.raises(ValueError, match=r"grads\[2\] must be contiguous, of shape \[3, 2\]"):
+        op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads[:2] + [torch.empty(2, 3).t()] + grads[3:]))
 
 
 @pytest.mark.parametrize("case", ["tiny", "near_one", "denormal"])

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.distributions import Laplace, Normal
 
 import vae_fast
-from conftest import DEVICES, TOLERANCE, max_elementwise_relative_error, relative_error, requires_cuda
+from conftest import DEVICES, gradient_tolerance, loss_tolerance, max_elementwise_relative_error, relative_error, requires_cuda
 
 LIKELIHOODS = ["gaussian", "laplace"]
 SCALES = ["none", "float", "shared", "shared_1", "feature", "element"]
@@ -129,10 +129,10 @@ def test_other_dtypes_within_their_tolerance(likelihood, scale, dtype, device):
     # The oracle sees the inputs as rounded to `dtype`: only the kernel's own error is measured.
     ref_loss, ref_grads = oracle(likelihood, *case, 1.0, "sum", 1.0)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert relative_error(loss, ref_loss) <= TOLERANCE[dtype]
+    assert relative_error(loss, ref_loss) <= loss_tolerance(dtype)
     for name, g in grads.items():
         assert g.dtype == dtype, name
-        assert relative_error(g, ref_grads[name]) <= TOLERANCE[dtype], name
+        assert relative_error(g, ref_grads[name]) <= gradient_tolerance(dtype), name
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -357,6 +357,24 @@ def test_errors_name_the_argument_and_the_problem():
         op(recon, x, mu, logvar, torch.zeros(3), "gaussian", False, 0.0, 1.0, "sum", [False] * 5)
     with pytest.raises(ValueError, match="grad_mask\\[4\\]"):
         op(recon, x, mu, logvar, None, "gaussian", False, 0.0, 1.0, "sum", [False] * 4 + [True])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_log_scale_with_more_dimensions_than_recon_is_refused_at_the_call(reduction, device):
+    """(1, 1, D) against recon (B, D) would broadcast the loss to (1, B, D): it used to pass the checks
+    and crash the backward of reduction "none" with a sizes error. The function and the op refuse it."""
+    recon, x, mu, logvar, _ = make_case(3, 4, 2, "none", device=device)
+    for shape in [(1, 1, 4), (1, 1, 1)]:
+        log_scale = torch.zeros(shape, device=device, requires_grad=True)
+        # "." for the brackets: Python prints shapes as (3, 4), the op as [3, 4]
+        dims = ", ".join(map(str, shape))
+        expected = rf"log_scale has shape .{dims}., more dimensions than recon's .3, 4."
+        with pytest.raises(ValueError, match=expected):
+            vae_fast.vae_loss(recon, x, mu, logvar, likelihood="gaussian", log_scale=log_scale, reduction=reduction)
+        with pytest.raises(ValueError, match=expected):
+            torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, log_scale.detach(), "gaussian", False, 0.0, 1.0, reduction,
+                                        [False] * 5)
 
 
 def test_targets_may_be_any_real_number():

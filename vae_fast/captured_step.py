@@ -40,8 +40,8 @@ class CapturedStep:
             `capturable=True` (Adam: `vae_fast.train_step.make_optimizer(..., capturable=True)`).
         warmup_steps: eager steps run before each capture (undone afterwards).
 
-    Calling it returns `outputs` (the tuple after the loss, or the loss alone): tensors that each
-    replay overwrites, so copy what must outlive the next step.
+    Calling it returns `outputs` (the tuple after the loss, or the loss alone), detached: tensors
+    that each replay overwrites, so copy what must outlive the next step.
     Raises ValueError for an optimizer that is not capturable or tensors that are not on CUDA.
     """
 
@@ -57,10 +57,16 @@ class CapturedStep:
 
     def _step(self, inputs: Sequence[torch.Tensor]):
         result = self.loss_of_batch(*inputs)
-        loss, outputs = (result[0], result[1:]) if isinstance(result, tuple) else (result, result)
+        loss, outputs = (result[0], result[1:]) if isinstance(result, tuple) else (result, (result,))
         loss.backward()
         self.optimizer.step()
-        return outputs
+        # Detached (the same memory, which each replay overwrites): an output that kept its autograd
+        # graph alive (the loss itself, when that is what loss_of_batch returns) would keep each
+        # parameter's AccumulateGrad node, made on this capture's stream, for the next capture's
+        # warm-up on another stream or an eager step: torch then warns of the stream mismatch and
+        # synchronizes the two streams in every such backward.
+        detached = tuple(t.detach() for t in outputs)
+        return detached if isinstance(result, tuple) else detached[0]
 
     def _capture(self, inputs: Sequence[torch.Tensor]):
         for t in inputs:

@@ -133,7 +133,9 @@ def log_scale_kind(log_scale: torch.Tensor, recon_shape) -> str | None:
     (1, *per_sample) per feature, so that `nn.Parameter(torch.zeros(1))` works as a shared scale.
     """
     shape = tuple(log_scale.shape)
-    if all(size == 1 for size in shape) and len(shape) <= len(recon_shape):
+    if len(shape) > len(recon_shape):  # it would broadcast recon's loss to more dimensions
+        return None
+    if all(size == 1 for size in shape):
         return "shared"
     per_sample = tuple(recon_shape[1:])
     stripped = shape
@@ -151,6 +153,9 @@ def _check_log_scale_tensor(log_scale: torch.Tensor, recon: torch.Tensor) -> Non
         raise TypeError(f"vae_loss: log_scale must be a floating-point tensor, got dtype {log_scale.dtype}")
     if log_scale.device != recon.device:
         raise ValueError(f"vae_loss: log_scale is on {log_scale.device} but recon is on {recon.device}")
+    if log_scale.dim() > recon.dim():
+        raise ValueError(f"vae_loss: log_scale has shape {tuple(log_scale.shape)}, more dimensions than recon's "
+                         f"{tuple(recon.shape)}; drop its extra leading 1s")
     if log_scale_kind(log_scale, recon.shape) is None:
         raise ValueError(
             f"vae_loss: log_scale has shape {tuple(log_scale.shape)}, which is none of: one shared value (shape ()), "

@@ -52,7 +52,18 @@ struct LossArgs {
   acc_t* grad_log_scale_partial;
   scalar_t* grad_log_scale_elements;
   acc_t* grad_log_scale_acc;
+  // vae_fast::vae_loss_grads_: grad_output on the device (null in the forward: 1), which multiplies
+  // grad_scale, and whether the pass returns before touching memory when it is 1.
+  const acc_t* grad_output;
+  bool keep_if_one;
 };
+
+// In a vae_loss_grads_ pass with keep_if_one (`keep_if`, the device's grad_output; null otherwise),
+// whether grad_output is 1, so that every kernel of the pass returns before touching memory.
+template <typename acc_t>
+__device__ __forceinline__ bool kept(const acc_t* keep_if) {
+  return keep_if != nullptr && *keep_if == acc_t(1);
+}
 
 // log_scale of the element at flat index i (feature j of its row).
 template <typename scalar_t>
@@ -84,13 +95,16 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
   constexpr bool kBernoulli = kLik == math::Likelihood::bernoulli;
   const int lane = threadIdx.x % kWarp;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (item >= a.batch * a.chunks_per_row) return;
+  if (item >= a.batch * a.chunks_per_row || kept(a.keep_if_one ? a.grad_output : nullptr)) return;
   const int64_t row = item / a.chunks_per_row;
   const int64_t chunk = item % a.chunks_per_row;
   const int64_t base = row * a.features;
   const int64_t begin = base + chunk * kChunk;
   const int64_t end = base + min(a.features, (chunk + 1) * kChunk);
-  const acc_t scale = static_cast<acc_t>(a.grad_scale);
+  // grad_output times grad_scale in double, rounded once: in float before any gradient is rounded
+  // to scalar_t (a float16 gradient above 65504 times 1/4 stays finite).
+  const double grad_scale = a.grad_output ? a.grad_scale * static_cast<double>(*a.grad_output) : a.grad_scale;
+  const acc_t scale = static_cast<acc_t>(grad_scale);
 
   // One shared scale: its log and exp once per thread.
   acc_t s_uniform(0), r_uniform(1), constant(0);
@@ -138,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
   }
 
   if (chunk == 0) {
-    const acc_t kl_scale = static_cast<acc_t>(a.beta * a.grad_scale);
+    const acc_t kl_scale = static_cast<acc_t>(a.beta * grad_scale);
     acc_t kl(0);
     for (int64_t j = row * a.latents + lane; j < (row + 1) * a.latents; j += kWarp) {
       const acc_t lv = static_cast<acc_t>(a.logvar[j]);
@@ -169,7 +183,9 @@ constexpr int kReduceThreads = 1024;
 // reduction "sum"/"mean": a single block; each thread sums a fixed stride of partials, then a
 // fixed tree combines the threads.
 template <typename acc_t, typename out_t>
-__global__ void __launch_bounds__(kReduceThreads) total_kernel(const acc_t* partial, int64_t count, double divisor, out_t* out) {
+__global__ void __launch_bounds__(kReduceThreads) total_kernel(const acc_t* partial, int64_t count, double divisor, out_t* out,
+                                                               const acc_t* keep_if = nullptr) {
+  if (kept(keep_if)) return;
   __shared__ acc_t shared[kReduceThreads];
   acc_t total(0);
   for (int64_t i = threadIdx.x; i < count; i += kReduceThreads) total += partial[i];
@@ -189,20 +205,22 @@ constexpr int kColumnThreads = 128;
 constexpr int64_t kRowsPerGroup = 256;
 
 template <typename acc_t>
-__global__ void column_group_sums_kernel(const acc_t* values, int64_t rows, int64_t features, double* group_sums) {
+__global__ void column_group_sums_kernel(const acc_t* values, int64_t rows, int64_t features, double* group_sums,
+                                         const acc_t* keep_if) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
   const int64_t group = blockIdx.y;
-  if (j >= features) return;
+  if (j >= features || kept(keep_if)) return;
   double total = 0.0;
   const int64_t last = min(rows, (group + 1) * kRowsPerGroup);
   for (int64_t row = group * kRowsPerGroup; row < last; ++row) total += static_cast<double>(values[row * features + j]);
   group_sums[group * features + j] = total;
 }
 
-template <typename out_t>
-__global__ void column_totals_kernel(const double* group_sums, int64_t groups, int64_t features, out_t* out) {
+template <typename acc_t, typename out_t>
+__global__ void column_totals_kernel(const double* group_sums, int64_t groups, int64_t features, out_t* out,
+                                     const acc_t* keep_if) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
-  if (j >= features) return;
+  if (j >= features || kept(keep_if)) return;
   double total = 0.0;
   for (int64_t g = 0; g < groups; ++g) total += group_sums[g * features + j];
   out[j] = static_cast<out_t>(total);
@@ -245,21 +263,20 @@ void launch_partials_for(math::Likelihood likelihood, bool logits, Walk walk, co
   }
 }
 
-template <typename scalar_t>
-void launch_loss(const LossArgs<scalar_t>& args, math::Likelihood likelihood, bool logits, Walk walk, Reduction reduction,
-                 at::Tensor& partial, at::Tensor& loss) {
-  using acc_t = at::opmath_type<scalar_t>;
+// The loss from the partials kernel's per-item sums: each row's ("none") or their total.
+template <typename acc_t>
+void launch_loss_reduction(const at::Tensor& partial, int64_t batch, int64_t chunks_per_row, Reduction reduction,
+                           at::Tensor& loss) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-  if (args.batch > 0) launch_partials_for<scalar_t>(likelihood, logits, walk, args, partial_ptr, stream);
+  const acc_t* partial_ptr = partial.const_data_ptr<acc_t>();
   if (reduction == Reduction::none) {
-    if (args.batch == 0) return;
+    if (batch == 0) return;
     const int threads = 256;
-    const int64_t blocks = std::min<int64_t>((args.batch + threads - 1) / threads, 65535);
-    row_losses_kernel<acc_t><<<blocks, threads, 0, stream>>>(partial_ptr, args.batch, args.chunks_per_row,
+    const int64_t blocks = std::min<int64_t>((batch + threads - 1) / threads, 65535);
+    row_losses_kernel<acc_t><<<blocks, threads, 0, stream>>>(partial_ptr, batch, chunks_per_row,
                                                                 loss.mutable_data_ptr<acc_t>());
   } else {
-    const double divisor = reduction == Reduction::mean ? static_cast<double>(args.batch) : 1.0;
+    const double divisor = reduction == Reduction::mean ? static_cast<double>(batch) : 1.0;
     total_kernel<acc_t, acc_t><<<1, kReduceThreads, 0, stream>>>(partial_ptr, partial.numel(), divisor,
                                                                  loss.mutable_data_ptr<acc_t>());
   }
@@ -270,12 +287,14 @@ void launch_loss(const LossArgs<scalar_t>& args, math::Likelihood likelihood, bo
 // per-item sums (one shared scale) or column sums of the per-element values (one per feature).
 template <typename scalar_t>
 void launch_log_scale_reduction(const LossArgs<scalar_t>& args, bool shared_scale, at::Tensor& grad_log_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto* out = grad_log_scale.mutable_data_ptr<scalar_t>();
+  const acc_t* keep_if = args.keep_if_one ? args.grad_output : nullptr;
   // Decided by the layout, not by a null pointer: an empty batch has empty (null) partials too.
   if (shared_scale) {
-    total_kernel<at::opmath_type<scalar_t>, scalar_t><<<1, kReduceThreads, 0, stream>>>(
-        args.grad_log_scale_partial, args.batch * args.chunks_per_row, 1.0, out);
+    total_kernel<acc_t, scalar_t><<<1, kReduceThreads, 0, stream>>>(
+        args.grad_log_scale_partial, args.batch * args.chunks_per_row, 1.0, out, keep_if);
   } else {
     const int64_t groups = std::max<int64_t>(1, (args.batch + kRowsPerGroup - 1) / kRowsPerGroup);
     const int64_t column_blocks = (args.features + kColumnThreads - 1) / kColumnThreads;
@@ -283,36 +302,34 @@ void launch_log_scale_reduction(const LossArgs<scalar_t>& args, bool shared_scal
     at::Tensor group_sums = at::zeros({groups, args.features}, grad_log_scale.options().dtype(at::kDouble));
     if (args.batch > 0) {
       column_group_sums_kernel<<<dim3(column_blocks, groups), kColumnThreads, 0, stream>>>(
-          args.grad_log_scale_acc, args.batch, args.features, group_sums.mutable_data_ptr<double>());
+          args.grad_log_scale_acc, args.batch, args.features, group_sums.mutable_data_ptr<double>(), keep_if);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     column_totals_kernel<<<column_blocks, kColumnThreads, 0, stream>>>(group_sums.const_data_ptr<double>(), groups,
-                                                                         args.features, out);
+                                                                         args.features, out, keep_if);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
-    const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
-    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
-  const LossCall call =
-      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
-  const Reduction red = call.reduction;
-  const LossShape& shape = call.shape;
-  const c10::cuda::CUDAGuard device_guard(recon.device());
+int64_t chunks_per_row(const LossShape& shape) {
+  return std::max<int64_t>(1, (shape.features + kChunk - 1) / kChunk);
+}
 
-  const int64_t chunks_per_row = std::max<int64_t>(1, (shape.features + kChunk - 1) / kChunk);
+// One fused pass over a prepared call: every wanted gradient into the call's tensors (times
+// grad_output when given, a device pointer; see LossArgs), with the log_scale gradient reduced to
+// its shape, and each warp item's loss into `partial` [batch * chunks_per_row] (loss dtype).
+void launch_loss_pass(const LossCall& call, const std::array<bool, 5>& grad_mask, bool logits, double log_scale_value,
+                      double beta, const at::Tensor& grad_output, bool keep_if_one, at::Tensor& partial) {
+  const LossShape& shape = call.shape;
+  const at::Tensor& recon = call.recon;
+  const int64_t chunks = chunks_per_row(shape);
   const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
-  at::Tensor partial = at::empty({shape.batch * chunks_per_row}, recon.options().dtype(acc_dtype));
-  at::Tensor loss = red == Reduction::none ? at::empty({shape.batch}, recon.options().dtype(acc_dtype))
-                                           : at::empty({}, recon.options().dtype(acc_dtype));
   // Where the log_scale gradient is gathered before its reduction (see LossArgs).
   const bool want_grad_s = grad_mask[4];
   const bool reduce_total = want_grad_s && !call.grad_log_scale_per_element && call.scale_layout == math::ScaleLayout::uniform;
   const bool reduce_columns =
       want_grad_s && !call.grad_log_scale_per_element && call.scale_layout == math::ScaleLayout::per_feature;
-  at::Tensor grad_s_partial = reduce_total ? at::empty({shape.batch * chunks_per_row}, recon.options().dtype(acc_dtype)) : at::Tensor();
+  at::Tensor grad_s_partial = reduce_total ? at::empty({shape.batch * chunks}, recon.options().dtype(acc_dtype)) : at::Tensor();
   at::Tensor grad_s_scratch = reduce_columns ? at::empty({shape.batch, shape.features}, recon.options().dtype(acc_dtype)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, recon.scalar_type(), "vae_fast::vae_loss (CUDA)", [&] {
@@ -329,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.batch = shape.batch;
     args.features = shape.features;
     args.latents = shape.latents;
-    args.chunks_per_row = chunks_per_row;
+    args.chunks_per_row = chunks;
     args.beta = beta;
     args.grad_scale = call.grad_scale;
     args.log_scale = call.log_scale.defined() ? call.log_scale.const_data_ptr<scalar_t>() : nullptr;
@@ -343,25 +360,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     args.grad_log_scale_acc = call.grad_log_scale_per_element ? call.grad_log_scale.mutable_data_ptr<acc_t>()
                               : reduce_columns                 ? grad_s_scratch.mutable_data_ptr<acc_t>()
                                                                : nullptr;
+    args.grad_output = grad_output.defined() ? grad_output.const_data_ptr<acc_t>() : nullptr;
+    args.keep_if_one = keep_if_one;
     constexpr int64_t kPackBytes = 16;
     const bool packed = shape.features % (kPackBytes / static_cast<int64_t>(sizeof(scalar_t))) == 0;
     const bool aligned = aligned_to(args.recon, kPackBytes) && aligned_to(args.target, kPackBytes) &&
                          (!args.grad_recon || aligned_to(args.grad_recon, kPackBytes)) &&
                          (!args.grad_target || aligned_to(args.grad_target, kPackBytes));
     const Walk walk = !packed ? Walk::elements : aligned ? Walk::aligned_packs : Walk::unaligned_packs;
-    launch_loss<scalar_t>(args, call.likelihood, logits, walk, red, partial, loss);
+    if (shape.batch > 0) {
+      launch_partials_for<scalar_t>(call.likelihood, logits, walk, args, partial.mutable_data_ptr<acc_t>(),
+                                    at::cuda::getCurrentCUDAStream());
+    }
     if (reduce_total || reduce_columns) {
       at::Tensor grad_s = call.grad_log_scale;
       launch_log_scale_reduction<scalar_t>(args, reduce_total, grad_s);
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
+    const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
+    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
+  const LossCall call =
+      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+  const LossShape& shape = call.shape;
+  const c10::cuda::CUDAGuard device_guard(recon.device());
+  const int64_t chunks = chunks_per_row(shape);
+  const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
+  at::Tensor partial = at::empty({shape.batch * chunks}, recon.options().dtype(acc_dtype));
+  at::Tensor loss = call.reduction == Reduction::none ? at::empty({shape.batch}, recon.options().dtype(acc_dtype))
+                                                      : at::empty({}, recon.options().dtype(acc_dtype));
+  launch_loss_pass(call, grad_mask, logits, log_scale_value, beta, at::Tensor(), false, partial);
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "vae_fast::vae_loss (CUDA)", [&] {
+    launch_loss_reduction<scalar_t>(partial, shape.batch, chunks, call.reduction, loss);
+  });
   return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
+}
+
+// The same pass again with grad_output read on the device, into the given gradients (the loss's
+// partials go to scratch); with keep_if_one and grad_output 1 every kernel returns at once.
+void vae_loss_grads_cuda(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+                         const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
+                         double log_scale_value, double beta, c10::string_view reduction,
+                         std::array<bool, 5> grad_mask, const at::Tensor& grad_output, bool keep_if_one,
+                         at::TensorList grads) {
+  check_grad_output(grad_output, recon);
+  const LossCall call = prepare_loss_grads_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction,
+                                                grad_mask, grads);
+  const c10::cuda::CUDAGuard device_guard(recon.device());
+  const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
+  const at::Tensor factor = grad_output.reshape({}).to(acc_dtype).contiguous();
+  at::Tensor partial = at::empty({call.shape.batch * chunks_per_row(call.shape)}, recon.options().dtype(acc_dtype));
+  launch_loss_pass(call, grad_mask, logits, log_scale_value, beta, factor, keep_if_one, partial);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) {
   m.impl("vae_loss", &vae_loss_cuda);
+  m.impl("vae_loss_grads_", &vae_loss_grads_cuda);
 }
 
 }  // namespace cuda
