@@ -133,8 +133,10 @@ oldest_torch_check() {
   # An editable install in a copy of the checkout, so the main .venv's in-place build is untouched.
   mkdir -p "$work/src-oldest"
   git -C "$repo" ls-files -z --cached --others --exclude-standard | (cd "$repo" && xargs -0 cp --parents -t "$work/src-oldest")
+  step "... built against it (CPU kernels)"
   (cd "$work/src-oldest" && VAE_FAST_CUDA=0 "$work/venv-oldest/bin/pip" install -q --no-build-isolation -e ".[test]")
-  (cd "$work/src-oldest" && "$work/venv-oldest/bin/python" -m pytest -q -p no:cacheprovider -n "$test_workers" tests)
+  step "... the whole suite"
+  (cd "$work/src-oldest" && "$work/venv-oldest/bin/python" -m pytest -q -p no:cacheprovider -n "$test_workers" --dist worksteal tests)
 
   step "that build imported under the newest torch: refused with the rebuild message"
   mkdir -p "$work/cross"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 set +e
-.venv/bin/python -m pytest -q -n "${VAE_FAST_TEST_WORKERS:-$(nproc)}" tests "$@"
+.venv/bin/python -m pytest -q -n "${VAE_FAST_TEST_WORKERS:-$(nproc)}" --dist worksteal tests "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then  # pytest's "no tests collected" is not a failure of the code
