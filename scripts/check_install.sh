@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The ways a user installs vae_fast, each into a fresh venv, run from a folder outside the checkout so
 # that the installed package (not the source tree) is what runs:
-#   1. the wheel: `TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" pip wheel --no-build-isolation --no-deps .`
-#      from the checkout, then `pip install <the wheel>` into a fresh venv that has the same torch: it
-#      must be tagged cp310-abi3 (one wheel for every CPython >= 3.10) and hold sm_80, sm_89, sm_90
-#      code + PTX. This is also what `pip install .` from a clone does (pip builds a wheel from the
-#      folder and installs it), so it stands for that path too. It is built by the main .venv in the
-#      checkout's build folder: after CI's in-place build with the same settings, ninja finds every
-#      object up to date and the wheel costs a link instead of a second CUDA compile.
-#   2. the sdist: `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation
-#      <the sdist>` (CPU kernels) over the wheel in the same venv; the library must then be the
-#      sdist's own build. (tests/test_packaging.py checks the sdist holds every tracked source.)
+#   1. the sdist: `python -m build --sdist --no-isolation`, then `pip install --no-build-isolation
+#      <the sdist>` (CPU kernels) into a fresh venv that holds only torch and the build tools, so the
+#      build may need nothing else. (tests/test_packaging.py checks the sdist holds every tracked
+#      source and header.)
+#   2. the wheel: `TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" pip wheel --no-build-isolation --no-deps .`
+#      from the checkout, then `pip install <the wheel>` over the sdist's in the same venv: it must be
+#      tagged cp310-abi3 (one wheel for every CPython >= 3.10), hold sm_80, sm_89, sm_90 code + PTX,
+#      and replace the sdist's library. This is also what `pip install .` from a clone does (pip
+#      builds a wheel from the folder and installs it), so it stands for that path too. It is built
+#      by the main .venv in the checkout's build folder: after CI's in-place build with the same
+#      settings, ninja finds every object up to date and the wheel costs a link instead of a second
+#      CUDA compile.
 # Each is followed by a smoke run: `vae-fast info` says the extension serves the CPU, the fused ops
 # match the reference forward and backward, `vae-fast train --epochs 1` runs.
 # Then the oldest torch pyproject.toml declares (2.11): a build against it and the whole test suite,
@@ -18,8 +20,8 @@
 # "built for torch X, running torch Y: rebuild with ..." message.
 #
 #   scripts/check_install.sh [paths|oldest-torch|all]      (default all; CI runs all)
-# The sdist and oldest-torch builds skip the CUDA sources (VAE_FAST_CUDA=0): the main build and the
-# wheel compile them, and each CUDA build costs minutes on CI's 2 cores.
+# The sdist and oldest-torch builds skip the CUDA sources (VAE_FAST_CUDA=0): the main build compiles
+# them for the wheel, and each CUDA build costs minutes on CI's 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -83,7 +85,7 @@ EOF
 }
 
 install_wheel() {
-  step "1. pip wheel (CUDA sources in, three architectures + PTX) with the main venv, then pip install <the wheel>"
+  step "2. pip wheel (CUDA sources in, three architectures + PTX) with the main venv, then pip install <the wheel> over the sdist's"
   TORCH_CUDA_ARCH_LIST="8.0;8.9;9.0+PTX" \
     "$main_python" -m pip wheel -q --no-build-isolation --no-deps --wheel-dir "$work/wheels" "$repo"
   wheel=$(ls "$work"/wheels/vae_fast-*.whl)
@@ -91,12 +93,13 @@ install_wheel() {
     *-cp310-abi3-*.whl) echo "wheel: $(basename "$wheel") (one wheel for every CPython >= 3.10)" ;;
     *) echo "wheel is not tagged cp310-abi3: $(basename "$wheel")"; exit 1 ;;
   esac
-  "$work/venv-user/bin/pip" install -q "$wheel"
+  "$work/venv-user/bin/pip" install -q --force-reinstall --no-deps "$wheel"
   smoke "$work/venv-user" wheel
   # From $work: run in the checkout, `python -c` would import the checkout's vae_fast instead.
   cuda=$(cd "$work" && "$work/venv-user/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
   echo "wheel has CUDA kernels: $cuda"
-  if [ "${VAE_FAST_CUDA:-auto}" = 1 ] && [ "$cuda" != True ]; then echo "VAE_FAST_CUDA=1 but the wheel has no CUDA kernels"; exit 1; fi
+  # With VAE_FAST_CUDA=1, CUDA kernels also show that the wheel's library replaced the sdist's.
+  if [ "${VAE_FAST_CUDA:-auto}" = 1 ] && [ "$cuda" != True ]; then echo "VAE_FAST_CUDA=1 but the installed library has no CUDA kernels"; exit 1; fi
   if [ "$cuda" = True ]; then
     library=$(ls "$work"/venv-user/lib/python3*/site-packages/vae_fast/_C.abi3.so)
     # The toolkit's cuobjdump, else the one torch's Triton dependency ships (CI's toolkit has none).
@@ -110,21 +113,20 @@ install_wheel() {
 }
 
 install_sdist() {
-  step "2. sdist, then pip install --no-build-isolation <the sdist> over the wheel"
+  step "1. sdist, then pip install --no-build-isolation <the sdist> (CPU kernels)"
   "$work/venv-user/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" "$repo" > "$work/sdist.log"
   sdist=$(ls "$work"/dist/vae_fast-*.tar.gz)
-  VAE_FAST_CUDA=0 "$work/venv-user/bin/pip" install -q --no-build-isolation --force-reinstall --no-deps "$sdist"
+  # First into the fresh venv, before the wheel brings vae_fast's dependencies: the build must need
+  # nothing but torch and the build tools.
+  VAE_FAST_CUDA=0 "$work/venv-user/bin/pip" install -q --no-build-isolation "$sdist"
   smoke "$work/venv-user" sdist
-  # The sdist was built without the CUDA sources: a library that has them is still the wheel's.
-  cuda=$(cd "$work" && "$work/venv-user/bin/python" -c "import vae_fast; print(vae_fast.backend_info()['extension']['cuda_compiled'])")
-  [ "$cuda" = False ] || { echo "after the sdist install the library is still the wheel's"; exit 1; }
 }
 
 install_paths() {
   step "a fresh venv with $torch_spec"
   fresh_venv "$work/venv-user" "$torch_spec"
-  install_wheel
   install_sdist
+  install_wheel
 }
 
 oldest_torch_check() {
