@@ -42,7 +42,10 @@ class BuildExtension(cpp_extension.BuildExtension):
     objects. Without the flags (another architecture) they compile as the portable fallback."""
 
     def finalize_options(self):
+        chosen = self.build_temp  # `build_ext --build-temp DIR` given on the command line
         super().finalize_options()
+        if chosen is not None:
+            return
         # One fixed folder per torch, whatever the build (editable, in place, wheel): pip's editable
         # install otherwise compiles in a new temporary folder every time (each `scripts/setup.sh`
         # rebuilt everything, ~3 min on 2 cores). In a fixed folder ninja rebuilds only what changed:
