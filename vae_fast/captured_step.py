@@ -1,23 +1,25 @@
-"""A whole training step (forward, loss, backward, Adam) captured in a CUDA graph and replayed: one
-launch per step instead of a few hundred kernel launches from Python, which at small batches are
-most of a GPU step's time (PyTorch's "whole network capture").
+"""The CUDA-graph mode of `vae_fast.TrainStep`: the whole step (forward, loss, backward, clipping,
+optimizer) captured in a CUDA graph and replayed, one launch per step instead of a few hundred
+kernel launches from Python, which at small batches are most of a GPU step's time (PyTorch's
+"whole network capture").
 
-Used by `vae-fast train --cuda-graph` and by benchmarks/bench_vae_training.py. What makes it
-correct:
+What makes it correct:
 - static inputs: each call copies its tensors into buffers the graph reads;
-- one graph per input shape: an epoch's last, smaller batch gets a graph of its own (it is trained
-  on, not dropped);
-- Adam with `capturable=True` keeps its step counts on the device, so the captured update needs no
-  host value; its `lr` is a number fixed at capture;
-- a value that changes between steps (a KL warm-up's weight) must come in as an input tensor;
-- random numbers: the fused reparameterize kernel takes its Philox (seed, offset) from the CUDA
-  generator through `at::cuda::philox::unpack`, which a captured kernel reads at replay, and each
-  replay advances the generator's offset, so every replay draws fresh noise
+- one graph per input shape and dtype (and per model.train()/eval()): an epoch's last, smaller
+  batch gets a graph of its own (it is trained on, not dropped);
+- the optimizer reads no host value: Adam/AdamW with `capturable=True` keep their step counts on
+  the device; its `lr` is a number fixed at capture;
+- a value that changes between steps (a KL warm-up's weight) must come in as an input tensor, or
+  be a device tensor that the caller updates in place;
+- random numbers: torch's CUDA generator (and the fused reparameterize kernel, through
+  `at::cuda::philox::unpack`) give a captured kernel its Philox offset at replay, and each replay
+  advances the generator, so every replay draws fresh noise
   (tests/test_cuda.py::test_cuda_graph_capture_and_replay);
 - capturing runs a few warm-up steps on a side stream (CUDA graphs need the allocator and cuBLAS
-  warmed up outside the capture); the weights, Adam's state and the CUDA generator's state are put
-  back afterwards, so capturing has no effect on training: a run that captures at another point
-  (a resumed one) trains the same steps.
+  warmed up outside the capture); the weights, the model's buffers (batch norm's running
+  statistics), the optimizer's state and the CUDA generator's state are put back afterwards, also
+  when the capture fails, so capturing has no effect on training: a run that captures at another
+  point (a resumed one) trains the same steps.
 """
 
 from __future__ import annotations
@@ -25,58 +27,82 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-__all__ = ["CapturedStep"]
+__all__ = ["CapturedStep", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """The step could not be captured in a CUDA graph (it reads a value on the host, or its shapes
+    depend on the data); the training state is as it was before the attempt."""
 
 
 class CapturedStep:
     """`step(*inputs)`: one optimizer step, replayed from a CUDA graph.
 
     Args:
-        loss_of_batch: (*inputs) -> the loss tensor, or a tuple (loss, *outputs); it must not read
+        step_of_batch: (*inputs) -> outputs (a tensor or a tuple of tensors): one whole eager step
+            whose gradients start at None (forward, loss, backward, optimizer step). It must not read
             the host (no .item()) and must take anything that changes from step to step as one of
             the input tensors.
-        optimizer: a torch.optim optimizer over the parameters the loss trains, built with
-            `capturable=True` (Adam: `vae_fast.train_step.make_optimizer(..., capturable=True)`).
+        optimizer: the optimizer the step updates; its state is put back after the warm-up.
+        model: the module trained; its buffers are put back after the warm-up, and its train/eval
+            mode is part of a graph's key.
         warmup_steps: eager steps run before each capture (undone afterwards).
 
-    Calling it returns `outputs` (the tuple after the loss, or the loss alone), detached: tensors
-    that each replay overwrites, so copy what must outlive the next step.
-    Raises ValueError for an optimizer that is not capturable or tensors that are not on CUDA.
+    Calling it returns `outputs`, detached: tensors that each replay overwrites, so copy what must
+    outlive the next step. Raises ValueError for inputs that are not CUDA tensors and CaptureError
+    when the step cannot be captured.
     """
 
-    def __init__(self, loss_of_batch: Callable, optimizer: torch.optim.Optimizer, *, warmup_steps: int = 3):
-        if not all(group.get("capturable") for group in optimizer.param_groups):
-            raise ValueError("CapturedStep: the optimizer must be built with capturable=True (its step count stays on "
-                             "the device, so the captured update reads no host value)")
-        self.loss_of_batch = loss_of_batch
+    def __init__(self, step_of_batch: Callable, optimizer: torch.optim.Optimizer, model: nn.Module, *,
+                 warmup_steps: int = 3):
+        self.step_of_batch = step_of_batch
         self.optimizer = optimizer
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.model = model
         self.warmup_steps = warmup_steps
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, object]] = {}
 
     def _step(self, inputs: Sequence[torch.Tensor]):
-        result = self.loss_of_batch(*inputs)
-        loss, outputs = (result[0], result[1:]) if isinstance(result, tuple) else (result, (result,))
-        loss.backward()
-        self.optimizer.step()
+        outputs = self.step_of_batch(*inputs)
         # Detached (the same memory, which each replay overwrites): an output that kept its autograd
-        # graph alive (the loss itself, when that is what loss_of_batch returns) would keep each
-        # parameter's AccumulateGrad node, made on this capture's stream, for the next capture's
-        # warm-up on another stream or an eager step: torch then warns of the stream mismatch and
-        # synchronizes the two streams in every such backward.
-        detached = tuple(t.detach() for t in outputs)
-        return detached if isinstance(result, tuple) else detached[0]
+        # graph alive (the loss itself) would keep each parameter's AccumulateGrad node, made on this
+        # capture's stream, for the next capture's warm-up on another stream or an eager step: torch
+        # then warns of the stream mismatch and synchronizes the two streams in every such backward.
+        if isinstance(outputs, tuple):
+            return tuple(t.detach() for t in outputs)
+        return outputs.detach()
+
+    def _training_state(self) -> list[torch.Tensor]:
+        """Every tensor a step changes in place: weights, buffers, the optimizer's state."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return [*params, *self.model.buffers(), *state]
 
     def _capture(self, inputs: Sequence[torch.Tensor]):
         for t in inputs:
             if not t.is_cuda:
                 raise ValueError(f"CapturedStep: inputs must be CUDA tensors, got one on {t.device}")
         device = inputs[0].device
-        saved_params = [p.detach().clone() for p in self.params]
-        saved_state = {id(t): t.clone() for state in self.optimizer.state.values() for t in state.values()
-                       if torch.is_tensor(t)}
+        saved = {id(t): t.detach().clone() for t in self._training_state()}
         saved_rng = torch.cuda.get_rng_state(device)
+        try:
+            return self._warm_up_and_capture(inputs, device)
+        except Exception as error:
+            raise CaptureError(
+                f"the training step could not be captured in a CUDA graph ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). A captured step must not read values on the host "
+                "(.item(), float(t), `if t:`) nor make shapes from the data (nonzero, boolean masks); make loss_fn "
+                "device-only, or pass cuda_graph=False") from error
+        finally:
+            # In place, so a graph keeps pointing at the same tensors; optimizer state created while
+            # warming up did not exist before: zero is its fresh value.
+            with torch.no_grad():
+                for t in self._training_state():
+                    t.copy_(saved[id(t)]) if id(t) in saved else t.zero_()
+            torch.cuda.set_rng_state(saved_rng, device)
+
+    def _warm_up_and_capture(self, inputs: Sequence[torch.Tensor], device: torch.device):
         static = [t.clone() for t in inputs]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -91,20 +117,10 @@ class CapturedStep:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             outputs = self._step(static)
-        # In place, so the graph keeps pointing at the same tensors; state Adam created while
-        # warming up did not exist before: zero is its fresh value.
-        with torch.no_grad():
-            for param, saved in zip(self.params, saved_params):
-                param.copy_(saved)
-            for state in self.optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.copy_(saved_state[id(t)]) if id(t) in saved_state else t.zero_()
-        torch.cuda.set_rng_state(saved_rng, device)
         return static, graph, outputs
 
     def __call__(self, *inputs: torch.Tensor):
-        key = tuple((t.shape, t.dtype) for t in inputs)
+        key = (self.model.training, *((t.shape, t.dtype) for t in inputs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
         static, graph, outputs = self.graphs[key]

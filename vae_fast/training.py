@@ -12,10 +12,10 @@ Crash safety: checkpoints and metrics are written atomically (checkpoints.atomic
 at any point leaves the previous complete file; Ctrl-C (SIGINT) finishes the current step, saves
 a checkpoint of that exact point (mid-epoch included) and raises TrainingInterrupted.
 
-Speed: one step (`train_step.TrainStep`) is forward, loss, backward and the fused Adam with no host
+Speed: one step (`vae_fast.TrainStep`) is forward, loss, backward and the fused Adam with no host
 synchronisation; the loop reads the steps' losses once per epoch (and at a Ctrl-C), so a NaN loss
 is reported at the end of the epoch it appeared in, naming its step. On CUDA (one process) the
-whole step can be replayed from a CUDA graph (`captured_step.CapturedStep`, --cuda-graph). Optional:
+whole step can be replayed from a CUDA graph (TrainStep's graph mode, --cuda-graph). Optional:
 torch.compile of the objective (--compile) and bfloat16 autocast (--bf16); settings that change
 the arithmetic are recorded in the checkpoint and a resumed run keeps them.
 
@@ -320,27 +320,26 @@ def _kept(last_good: tuple[Path, str] | None) -> str:
 
 def _step_function(objective: nn.Module, optimizer: torch.optim.Adam, config: TrainConfig, world: int, device: torch.device):
     """step(batch, beta) -> the batch's [loss, KL] (a float32 device tensor of its own, not yet
-    read): the eager `TrainStep`, or with --cuda-graph the whole step replayed from a CUDA graph,
-    beta going in as a device tensor filled in place before each replay."""
-    autocast = torch.bfloat16 if config.bf16 else None
-    if not config.cuda_graph:
-        return TrainStep(objective, optimizer, world=world, autocast=autocast, compile=config.compile)
-    from .captured_step import CapturedStep
+    read), by `vae_fast.TrainStep`: eager, or with --cuda-graph the whole step replayed from a CUDA
+    graph. Compiled or captured, beta goes in as a device tensor filled in place before each step
+    (a number would recompile, or be fixed at capture)."""
+    autocast = autocast_context(device, torch.bfloat16 if config.bf16 else None)
 
-    autocast_scope = autocast_context(device, autocast)
-
-    def loss_and_stats(x: torch.Tensor, beta: torch.Tensor):
-        with autocast_scope():
+    def loss_and_stats(objective: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        x, beta = batch
+        with autocast():
             loss, kl = objective(x, beta)
-        return loss, torch.stack((loss.detach(), kl)).float()
+        # scaled by the number of processes, so that DDP's gradient average equals one process's
+        # summed-loss gradient
+        return loss * world if world != 1 else loss, torch.stack((loss.detach(), kl)).float()
 
-    captured = CapturedStep(loss_and_stats, optimizer)
-    beta_tensor = torch.zeros((), device=device)
+    train_step = TrainStep(objective, optimizer, loss_and_stats, cuda_graph=config.cuda_graph, compile=config.compile)
+    beta_tensor = torch.zeros((), device=device) if config.cuda_graph or config.compile else None
 
     def step(batch: torch.Tensor, beta: float) -> torch.Tensor:
-        beta_tensor.fill_(beta)  # a kernel with the value as its argument: no host-to-device copy, no sync
-        (stats,) = captured(batch, beta_tensor)
-        return stats.clone()  # the next replay overwrites the graph's own
+        if beta_tensor is not None:
+            beta_tensor.fill_(beta)  # a kernel with the value as its argument: no host-to-device copy, no sync
+        return train_step((batch, beta if beta_tensor is None else beta_tensor))[1]
 
     return step
 
