@@ -150,18 +150,18 @@ class _AdamTensors(NamedTuple):
 def _capture_problem(model: nn.Module, optimizer: torch.optim.Optimizer, compile: bool) -> str | None:
     """Why this step cannot be replayed from a CUDA graph, or None when it can."""
     name = type(optimizer).__name__
-    if not all(p.is_cuda for group in optimizer.param_groups for p in group["params"]):
-        return "the optimizer's parameters must all be on a CUDA device"
+    for group in optimizer.param_groups:
+        if "capturable" in group and not group["capturable"]:
+            return (f"{name} was built with capturable=False, so its step reads host values; build it with "
+                    f"{name}(params, ..., capturable=True), or pass cuda_graph=False")
+        if "capturable" not in group and not isinstance(optimizer, torch.optim.SGD):
+            return f"{name} has no capturable mode; use SGD, or Adam/AdamW with capturable=True, or pass cuda_graph=False"
     if compile:
         return "compile=True: choose one (the graph already replays the whole step)"
     if isinstance(model, DistributedDataParallel):
         return "a DistributedDataParallel model all-reduces from hooks that a graph does not replay; run it eagerly"
-    for group in optimizer.param_groups:
-        if "capturable" in group and not group["capturable"]:
-            return (f"{name} was built with capturable=False, so its step reads host values; build it with "
-                    f"{name}(params, ..., capturable=True)")
-        if "capturable" not in group and not isinstance(optimizer, torch.optim.SGD):
-            return f"{name} has no capturable mode; use SGD, or Adam/AdamW with capturable=True"
+    if not all(p.is_cuda for group in optimizer.param_groups for p in group["params"]):
+        return "the optimizer's parameters must all be on a CUDA device"
     return None
 
 
@@ -239,7 +239,7 @@ class TrainStep:
         loss.backward()
         if self.clip_grad_norm is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
         self.optimizer_step()
         return tuple(t.detach() for t in result) if isinstance(result, tuple) else result.detach()
 
