@@ -211,14 +211,14 @@ class TrainStep:
                  warmup_steps: int = 3):
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"TrainStep: clip_grad_norm must be positive, got {clip_grad_norm}")
+        problem = _capture_problem(model, optimizer, compile)
+        if cuda_graph and problem:
+            raise ValueError(f"TrainStep(cuda_graph=True): {problem}")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = torch.compile(loss_fn) if compile else loss_fn
         self.clip_grad_norm = clip_grad_norm
         self.optimizer_step = FusedAdamStep(optimizer)
-        problem = _capture_problem(model, optimizer, compile)
-        if cuda_graph and problem:
-            raise ValueError(f"TrainStep(cuda_graph=True): {problem}")
         self._required = bool(cuda_graph)
         use_graph = cuda_graph if cuda_graph is not None else problem is None
         self._captured = CapturedStep(self._tensors_step, optimizer, model, warmup_steps=warmup_steps) if use_graph else None
