@@ -1,8 +1,11 @@
-"""vae_fast.captured_step.CapturedStep and `vae-fast train --cuda-graph`: capturing leaves no trace
-(weights, Adam's state and the CUDA generator put back), replays train like the eager step, the
-last partial batch is trained through a graph of its own, and a graph run resumes bit for bit,
-from an epoch's end and from a Ctrl-C in the middle of one, during a KL warm-up (beta a device
-tensor). GPU only, except the argument checks."""
+"""The CUDA-graph mode of vae_fast.TrainStep (vae_fast.captured_step.CapturedStep) and `vae-fast train
+--cuda-graph`: capturing leaves no trace (weights, batch norm's buffers, the optimizer's state and
+the CUDA generator put back), replays train as a plain eager loop written here does (the user's own
+models, capturable Adam and SGD, clipping, a KL weight tensor, the last partial batch through a
+graph of its own), a step that reads the host is refused (cuda_graph=True) or run eagerly (the
+default) with nothing changed by the failed capture, no step waits for the device, and a graph
+run resumes bit for bit, from an epoch's end and from a Ctrl-C in the middle of one, during a KL
+warm-up (beta a device tensor). GPU only: written to run wherever CUDA exists."""
 
 import math
 from dataclasses import replace
@@ -11,61 +14,167 @@ import pytest
 import torch
 
 import vae_fast
-from vae_fast.captured_step import CapturedStep
+from vae_fast import TrainStep, vae_loss
+from vae_fast.captured_step import CapturedStep, CaptureError
 from vae_fast.checkpoints import load_checkpoint
-from vae_fast.train_step import make_optimizer
 from vae_fast.training import train
 from conftest import requires_cuda, stream_mismatch_is_an_error
+from test_train_step_public import UserConvVAE, UserVAE, _batches, elbo, plain_loop
 from test_training import _config, _interrupted_after_step, _same_run, _toy
 
-
-def test_an_optimizer_that_is_not_capturable_is_refused():
-    model = vae_fast.VAE(16, latent_dim=2, hidden_dims=(8,))
-    with pytest.raises(ValueError, match="capturable=True"):
-        CapturedStep(lambda x: model.loss(x), make_optimizer(model.parameters(), 1e-3))
+pytestmark = requires_cuda
 
 
-def test_cpu_inputs_are_refused():
-    model = vae_fast.VAE(16, latent_dim=2, hidden_dims=(8,))
-    # capturable=True is accepted on the CPU by torch; the capture is what needs CUDA tensors
-    step = CapturedStep(lambda x: model.loss(x), torch.optim.Adam(model.parameters(), capturable=True))
-    with pytest.raises(ValueError, match="inputs must be CUDA tensors, got one on cpu"):
-        step(torch.rand(4, 16))
+def capturable_adam(model):
+    return torch.optim.Adam(model.parameters(), lr=0.01, capturable=True)
 
 
-@requires_cuda
-def test_capture_puts_weights_adam_and_the_generator_back_and_replays_train():
+def _cuda_batches(shape=(30,)):
+    return [b.cuda() for b in _batches(shape)] * 2  # 16, 16 and 5 rows, twice
+
+
+def _graph_and_loop(make_model, make_optimizer, loss_fn, batches, **options):
+    """TrainStep with its graph and the plain loop from the same weights and CUDA generator state;
+    returns (step, its model, the loop's model, the step's losses, the loop's)."""
+    torch.manual_seed(0)
+    model = make_model().cuda()
+    twin = make_model().cuda()
+    twin.load_state_dict(model.state_dict())
+    step = TrainStep(model, make_optimizer(model), loss_fn, **options)
+    assert step.cuda_graph
+    torch.cuda.manual_seed(7)
+    losses = [step(b) for b in batches]
+    torch.cuda.manual_seed(7)
+    expected = plain_loop(twin, make_optimizer(twin), loss_fn, batches, clip=options.get("clip_grad_norm"))
+    return step, model, twin, losses, expected
+
+
+def _assert_close_models(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("make_model, likelihood, shape, make_optimizer, clip", [
+    (UserVAE, "bernoulli", (30,), capturable_adam, None),
+    (lambda: UserVAE(learned_scale=True), "gaussian", (30,), capturable_adam, 1.0),
+    (lambda: UserVAE(dropout=0.2, batch_norm=True), "bernoulli", (30,),
+     lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, capturable=True), None),
+    (UserConvVAE, "gaussian", (1, 8, 8), lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9), None),
+], ids=["mlp-adam", "mlp-gaussian-clip", "dropout-batchnorm-adamw", "conv-sgd"])
+def test_replays_train_as_the_plain_loop(make_model, likelihood, shape, make_optimizer, clip):
+    """Captured by default (cuda_graph=None): one graph per batch shape (16 and the last 5), the
+    same training as the eager loop up to float32 rounding (capture changes no arithmetic but
+    cuBLAS may pick other kernels)."""
+    step, model, twin, losses, expected = _graph_and_loop(make_model, make_optimizer, elbo(likelihood),
+                                                          _cuda_batches(shape), clip_grad_norm=clip)
+    assert len(step._captured.graphs) == 2
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-4, atol=1e-3)
+    _assert_close_models(model, twin)
+
+
+def test_a_kl_weight_tensor_in_the_batch_is_read_at_every_replay():
+    def beta_elbo(model, batch):
+        x, beta = batch
+        out, mu, logvar = model(x)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()
+        return vae_loss(out, x, mu, logvar, logits=True, beta=0.0) + beta * kl
+
+    betas = [torch.tensor(b, device="cuda") for b in (0.0, 0.5, 1.0, 3.0, 0.25, 2.0)]
+    batches = [(x, b) for x, b in zip(_cuda_batches(), betas)]
+    _, model, twin, losses, expected = _graph_and_loop(UserVAE, capturable_adam, beta_elbo, batches)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected), rtol=1e-4, atol=1e-3)
+    _assert_close_models(model, twin)
+
+
+def test_capture_puts_weights_buffers_optimizer_and_generator_back():
     """Capturing warms up with real steps; they are undone, or a run would train on more steps
     than it counts and a resumed run (capturing at another point) would draw other noise."""
     torch.manual_seed(0)
-    model = vae_fast.VAE().cuda()
-    before = [p.detach().clone() for p in model.parameters()]
-    step = CapturedStep(lambda x: model.loss(x), make_optimizer(model.parameters(), 1e-3, capturable=True))
-    x = torch.rand(64, 784, device="cuda")
+    model = UserVAE(dropout=0.2, batch_norm=True).cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, capturable_adam(model), elbo("bernoulli"))
+    x = torch.rand(16, 30, device="cuda")
     rng = torch.cuda.get_rng_state()
-    step._capture([x])  # capture alone, no step
+    step._captured._capture([x])  # capture alone, no step
     torch.cuda.synchronize()
     assert torch.equal(torch.cuda.get_rng_state(), rng)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert all(state["step"].item() == 0 and not state["exp_avg"].any() for state in step.optimizer.state.values())
-    losses = []
-    for _ in range(20):
-        step(x)  # the first call captures again (a new shape key), then replays
-        with torch.no_grad():
-            losses.append(model.loss(x).item())
-    assert all(s["step"].item() == 20 for s in step.optimizer.state.values())
-    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(s["step"].item() == 0 and not s["exp_avg"].any() for s in step.optimizer.state.values())
 
 
-@requires_cuda
+def _reads_the_host(model, x):
+    loss = elbo("bernoulli")(model, x)
+    return loss * (1.0 if loss.item() > 0 else 2.0)
+
+
+def _data_dependent_shape(model, x):
+    return elbo("bernoulli")(model, x) + x[x > 0.5].sum() * 0
+
+
+@pytest.mark.parametrize("loss_fn", [_reads_the_host, _data_dependent_shape], ids=["item", "boolean-mask"])
+def test_a_step_that_cannot_be_captured_is_refused_or_run_eagerly(loss_fn):
+    """cuda_graph=True: CaptureError naming the fix, the state as before. The default: a warning,
+    then the eager step, which trains as the plain loop does, bit for bit."""
+    torch.manual_seed(0)
+    model = UserVAE().cuda()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = TrainStep(model, capturable_adam(model), loss_fn, cuda_graph=True)
+    with pytest.raises(CaptureError, match="must not read values on the host.*pass cuda_graph=False"):
+        step(torch.rand(16, 30, device="cuda"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(s["step"].item() == 0 for s in step.optimizer.state.values())
+
+    batches = _cuda_batches()
+    twin = UserVAE().cuda()
+    twin.load_state_dict(model.state_dict())
+    step = TrainStep(model, capturable_adam(model), loss_fn)
+    torch.cuda.manual_seed(7)
+    with pytest.warns(UserWarning, match="could not be captured.*Running eagerly from now on"):
+        losses = [step(b) for b in batches]
+    assert not step.cuda_graph
+    torch.cuda.manual_seed(7)
+    expected = plain_loop(twin, capturable_adam(twin), loss_fn, batches)
+    assert all(torch.equal(a, b) for a, b in zip(losses, expected))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_the_default_runs_eagerly_with_an_optimizer_that_cannot_be_captured():
+    model = UserVAE().cuda()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    assert not TrainStep(model, optimizer, elbo("bernoulli")).cuda_graph
+    with pytest.raises(ValueError, match=r"capturable=False.*Adam\(params, \.\.\., capturable=True\)"):
+        TrainStep(model, optimizer, elbo("bernoulli"), cuda_graph=True)
+
+
+@pytest.mark.parametrize("graph", [True, False], ids=["graph", "eager"])
+def test_no_step_waits_for_the_device(graph):
+    """After the first step (the capture), steps make no host synchronisation: torch's sync debug
+    mode turns one into an error."""
+    torch.manual_seed(0)
+    model = UserVAE().cuda()
+    optimizer = capturable_adam(model) if graph else torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    step = TrainStep(model, optimizer, elbo("bernoulli"))
+    assert step.cuda_graph == graph
+    batches = _cuda_batches()
+    step(batches[0])
+    step(batches[2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(b) for b in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(loss.is_cuda and loss.shape == () for loss in losses)
+
+
 def test_captures_and_eager_steps_leave_no_graph_on_another_stream():
-    """Issue 18, item 6: a loss_of_batch that returns the loss alone made the captured step keep that
-    loss, hence its graph and every parameter's AccumulateGrad node made on the capture stream; the
-    next shape's warm-up (on another side stream) and any eager backward then ran into those nodes:
-    torch warned of the stream mismatch and synchronized. The returned outputs hold no graph."""
+    """Issue 18, item 6: a step that kept the loss, hence its graph and every parameter's
+    AccumulateGrad node made on the capture stream, made the next shape's warm-up (on another side
+    stream) and any eager backward run into those nodes: torch warned of the stream mismatch and
+    synchronized. The returned outputs hold no graph."""
     torch.manual_seed(0)
     model = vae_fast.VAE(64, latent_dim=4, hidden_dims=(32,)).cuda()
-    step = CapturedStep(lambda x: model.loss(x), make_optimizer(model.parameters(), 1e-3, capturable=True))
+    step = TrainStep(model, capturable_adam(model), lambda m, x: m.loss(x))
     with stream_mismatch_is_an_error():
         for batch in (32, 7, 32):  # the 7: a capture of its own, after the first
             loss = step(torch.rand(batch, 64, device="cuda"))
@@ -74,26 +183,11 @@ def test_captures_and_eager_steps_leave_no_graph_on_another_stream():
     torch.cuda.synchronize()
 
 
-@requires_cuda
-def test_replays_take_the_steps_of_the_eager_step():
-    """From the same weights and generator state, 5 replayed steps and 5 eager steps (the same
-    capturable Adam) end at the same weights, up to float32 rounding."""
-    torch.manual_seed(0)
-    models = [vae_fast.VAE(64, latent_dim=4, hidden_dims=(32,)).cuda() for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [make_optimizer(m.parameters(), 1e-2, capturable=True) for m in models]
-    x = torch.rand(32, 64, device="cuda")
-    captured = CapturedStep(lambda batch: models[0].loss(batch), optimizers[0])
-    torch.cuda.manual_seed(7)
-    for _ in range(5):
-        captured(x)
-    torch.cuda.manual_seed(7)
-    for _ in range(5):
-        optimizers[1].zero_grad(set_to_none=True)
-        models[1].loss(x).backward()
-        optimizers[1].step()
-    for a, b in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+def test_cpu_inputs_are_refused_by_the_capture():
+    model = UserVAE().cuda()
+    step = CapturedStep(lambda x: model(x)[0].sum(), capturable_adam(model), model)
+    with pytest.raises(ValueError, match="inputs must be CUDA tensors, got one on cpu"):
+        step(torch.rand(4, 30))
 
 
 # The toy set's 64 rows in batches of 24: steps of 24, 24 and 16 rows, so the last, partial batch
@@ -101,7 +195,6 @@ def test_replays_take_the_steps_of_the_eager_step():
 GRAPH = {"device": "cuda", "batch_size": 24, "epochs": 3, "kl_warmup": 1.5, "beta": 2.0, "lr": 1e-2}
 
 
-@requires_cuda
 def test_graph_training_trains_every_row(tmp_path, monkeypatch):
     captured_batches = []
     capture = CapturedStep._capture
@@ -117,7 +210,6 @@ def test_graph_training_trains_every_row(tmp_path, monkeypatch):
     assert all(math.isfinite(row[key]) for row in history for key in ("train_loss", "train_kl", "test_loss"))
 
 
-@requires_cuda
 def test_graph_training_matches_eager_training(tmp_path):
     """The same run with and without the graph: other arithmetic (capturable Adam, beta * KL added
     outside the fused loss), the same training, to float32 rounding."""
@@ -129,7 +221,6 @@ def test_graph_training_matches_eager_training(tmp_path):
     assert load_checkpoint(tmp_path / "eager" / "checkpoint.pt")["train_config"]["cuda_graph"] is False
 
 
-@requires_cuda
 def test_graph_training_resumes_exactly(tmp_path, monkeypatch):
     train(_config(tmp_path, out=str(tmp_path / "straight"), cuda_graph=True, **GRAPH), _toy())
     reference = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
@@ -146,7 +237,6 @@ def test_graph_training_resumes_exactly(tmp_path, monkeypatch):
     _same_run(load_checkpoint(tmp_path / "mid" / "checkpoint.pt"), reference)
 
 
-@requires_cuda
 def test_a_resumed_run_keeps_how_its_checkpoint_was_trained(tmp_path):
     """Left unset, --cuda-graph follows the checkpoint: an eager CUDA run resumes eagerly (its Adam
     is not capturable), and so does a checkpoint from before the setting existed."""
