@@ -282,3 +282,24 @@ def test_the_kl_metric_matches_the_reference_and_keeps_near_prior_precision():
     near = torch.full((64, 8), 1e-4)
     exact = reference.kl_divergence(near.double(), near.double()).sum()
     torch.testing.assert_close(_kl_sum(near, near).double(), exact, rtol=1e-3, atol=0)
+
+
+def test_cli_resume_takes_the_batch_size_from_the_checkpoint(tmp_path, capsys):
+    """`vae-fast train --resume` at an epoch's end trained on at the default batch 128, whatever the
+    checkpoint's; now the checkpoint's, so the resumed run equals the straight one, and another
+    --batch-size is refused in one line."""
+    from vae_fast.cli import main
+
+    run = ["--hidden-dims", "16", "--latent-dim", "2", "--device", "cpu", "--quiet"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", "--out", str(straight), "--epochs", "2", "--batch-size", "300", *run]) == 0
+    assert main(["train", "--out", str(split), "--epochs", "1", "--batch-size", "300", *run]) == 0
+    assert main(["train", "--out", str(split), "--epochs", "2", "--resume", str(split / "checkpoint.pt"), *run]) == 0
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert b["train_config"]["batch_size"] == 300
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    capsys.readouterr()
+    assert main(["train", "--out", str(split), "--epochs", "3", "--resume", str(split / "checkpoint.pt"),
+                 "--batch-size", "64", *run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 64 differs from the 300 that" in err, err

@@ -111,6 +111,7 @@ _RUN_SETTINGS = {
     "beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0), "dequantize": ("--dequantize", False),
     "model": ("--model", "mlp"), "likelihood": ("--likelihood", "bernoulli"), "learn_scale": ("--learn-scale", "none"),
     "channels": ("--channels", (32, 64)), "latent_dim": ("--latent-dim", 20), "hidden_dims": ("--hidden-dims", (400,)),
+    "batch_size": ("--batch-size", 128),  # which rows each step trains on
     # How the step is computed: each changes the arithmetic (fused kernels, bfloat16, a graph's
     # capturable Adam), so a resumed run keeps the checkpoint's to stay exact.
     "compile": ("--compile", False), "bf16": ("--bf16", False), "cuda_graph": ("--cuda-graph", None),
@@ -233,7 +234,8 @@ def _add_workflow_commands(commands) -> None:
                        help="--model conv: encoder channels per stride-2 layer (default 32 64); the decoder mirrors "
                             "them; the checkpoint's on --resume")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128, help="global batch, split across torchrun processes")
+    train.add_argument("--batch-size", type=int, default=None,
+                       help="global batch, split across torchrun processes; default 128, or the checkpoint's on --resume")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (taken from the checkpoint on --resume)")
     train.add_argument("--latent-dim", type=int, default=None, help="size of z; default 20, or the checkpoint's on --resume")
     train.add_argument("--hidden-dims", type=int, nargs="+", default=None,
