@@ -10,7 +10,7 @@
 # of time is reported and the next one runs. Files go to $OUT (the tool brings back at most 8):
 #   run.log, build.log, tests.log (the `cuda`-marked tests, then the others as time allows),
 #   sanitizer.log, results/{cuda-<date>-selected.md,.json,.png,
-#   vae_training-cuda-<date>.md}
+#   vae_training-cuda-<date>.md, train_step-cuda-<date>.md}
 # MNIST for the training benchmark: $VAE_FAST_MNIST_DIR, else ../shared/data/mnist, else .gpu_data/mnist
 # (copy it there and name .gpu_data in the call's carry: ../shared does not travel).
 set -uo pipefail
@@ -90,6 +90,11 @@ mnist=${VAE_FAST_MNIST_DIR:-../shared/data/mnist}
 timeout 80 python3 benchmarks/bench_vae_training.py --device cuda --batch-sizes 128,1024 --epochs 10 \
   --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
 ended training-benchmark $?
+
+stage "TrainStep against torch.compile (MLP and conv VAE, batch 128 and 1024; each table printed as it is done)"
+timeout 120 python3 benchmarks/bench_vae_training.py --suite train-step --device cuda --batch-sizes 128,1024 --epochs 5 \
+  --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
+ended train-step-benchmark $?
 
 stage "kernel benchmark (float32, the issue's target sizes)"
 left=$((400 - (SECONDS - started))); [ $left -gt 30 ] || left=30

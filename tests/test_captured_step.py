@@ -86,6 +86,27 @@ def test_a_kl_weight_tensor_in_the_batch_is_read_at_every_replay():
     _assert_close_models(model, twin)
 
 
+def test_a_learning_rate_changed_between_steps_is_the_one_used():
+    """A graph holds the lr it was captured with: a scheduler's change must capture again, not
+    replay the old rate."""
+
+    torch.manual_seed(0)
+    model, twin = UserVAE().cuda(), UserVAE().cuda()
+    twin.load_state_dict(model.state_dict())
+    step = TrainStep(model, capturable_adam(model), elbo("bernoulli"))
+    twin_optimizer = capturable_adam(twin)
+    batches = _cuda_batches()
+    torch.cuda.manual_seed(7)
+    for i, x in enumerate(batches):
+        step.optimizer.param_groups[0]["lr"] = 0.01 / (i + 1)
+        step(x)
+    torch.cuda.manual_seed(7)
+    for i, x in enumerate(batches):
+        twin_optimizer.param_groups[0]["lr"] = 0.01 / (i + 1)
+        plain_loop(twin, twin_optimizer, elbo("bernoulli"), [x])
+    _assert_close_models(model, twin)
+
+
 def test_capture_puts_weights_buffers_optimizer_and_generator_back():
     """Capturing warms up with real steps; they are undone, or a run would train on more steps
     than it counts and a resumed run (capturing at another point) would draw other noise."""

@@ -8,7 +8,8 @@ What makes it correct:
 - one graph per input shape and dtype (and per model.train()/eval()): an epoch's last, smaller
   batch gets a graph of its own (it is trained on, not dropped);
 - the optimizer reads no host value: Adam/AdamW with `capturable=True` keep their step counts on
-  the device; its `lr` is a number fixed at capture;
+  the device; its `lr` (and every other number of its groups) is fixed in a graph at capture, so a
+  change (a scheduler's) drops the graphs and the next step captures again;
 - a value that changes between steps (a KL warm-up's weight) must come in as an input tensor, or
   be a device tensor that the caller updates in place;
 - random numbers: torch's CUDA generator (and the fused reparameterize kernel, through
@@ -62,6 +63,12 @@ class CapturedStep:
         self.model = model
         self.warmup_steps = warmup_steps
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, object]] = {}
+        self._settings = self._optimizer_settings()
+
+    def _optimizer_settings(self) -> list:
+        """The optimizer's numbers that a graph holds as captured (lr, betas, weight decay, ...)."""
+        return [(k, id(v) if torch.is_tensor(v) else v) for group in self.optimizer.param_groups
+                for k, v in group.items() if k != "params"]
 
     def _step(self, inputs: Sequence[torch.Tensor]):
         outputs = self.step_of_batch(*inputs)
@@ -120,6 +127,10 @@ class CapturedStep:
         return static, graph, outputs
 
     def __call__(self, *inputs: torch.Tensor):
+        settings = self._optimizer_settings()
+        if settings != self._settings:  # a scheduler changed the lr: the graphs would replay the old one
+            self.graphs.clear()
+            self._settings = settings
         key = (self.model.training, *((t.shape, t.dtype) for t in inputs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
