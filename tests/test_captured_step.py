@@ -7,6 +7,7 @@ default) with nothing changed by the failed capture, no step waits for the devic
 run resumes bit for bit, from an epoch's end and from a Ctrl-C in the middle of one, during a KL
 warm-up (beta a device tensor). GPU only: written to run wherever CUDA exists."""
 
+import copy
 import math
 from dataclasses import replace
 
@@ -105,6 +106,33 @@ def test_a_learning_rate_changed_between_steps_is_the_one_used():
         twin_optimizer.param_groups[0]["lr"] = 0.01 / (i + 1)
         plain_loop(twin, twin_optimizer, elbo("bernoulli"), [x])
     _assert_close_models(model, twin)
+
+
+def test_an_optimizer_state_loaded_between_replays_is_the_one_stepped():
+    """load_state_dict replaces the optimizer's state tensors, which a graph reads by address: the
+    next step captures again, so the loaded state is continued, as in the loop."""
+    torch.manual_seed(5)
+    source = UserVAE().cuda()
+    source_optimizer = capturable_adam(source)
+    plain_loop(source, source_optimizer, elbo("bernoulli"), _cuda_batches()[:3])
+    saved = source_optimizer.state_dict()
+    torch.manual_seed(0)
+    model, twin = UserVAE().cuda(), UserVAE().cuda()
+    twin.load_state_dict(model.state_dict())
+    step, twin_optimizer = TrainStep(model, capturable_adam(model), elbo("bernoulli")), capturable_adam(twin)
+    batches = _cuda_batches()
+    torch.cuda.manual_seed(7)
+    for x in batches[:3]:
+        step(x)
+    step.optimizer.load_state_dict(copy.deepcopy(saved))
+    for x in batches[3:]:
+        step(x)
+    torch.cuda.manual_seed(7)
+    plain_loop(twin, twin_optimizer, elbo("bernoulli"), batches[:3])
+    twin_optimizer.load_state_dict(copy.deepcopy(saved))
+    plain_loop(twin, twin_optimizer, elbo("bernoulli"), batches[3:])
+    _assert_close_models(model, twin)
+    assert all(s["step"].item() == 6 for s in step.optimizer.state.values())
 
 
 def test_capture_puts_weights_buffers_optimizer_and_generator_back():

@@ -8,8 +8,9 @@ What makes it correct:
 - one graph per input shape and dtype (and per model.train()/eval()): an epoch's last, smaller
   batch gets a graph of its own (it is trained on, not dropped);
 - the optimizer reads no host value: Adam/AdamW with `capturable=True` keep their step counts on
-  the device; its `lr` (and every other number of its groups) is fixed in a graph at capture, so a
-  change (a scheduler's) drops the graphs and the next step captures again;
+  the device; its `lr` (and every other number of its groups) and its state tensors are fixed in a
+  graph at capture, so a change (a scheduler's, `load_state_dict`) drops the graphs and the next
+  step captures again;
 - a value that changes between steps (a KL warm-up's weight) must come in as an input tensor, or
   be a device tensor that the caller updates in place;
 - random numbers: torch's CUDA generator (and the fused reparameterize kernel, through
@@ -63,12 +64,14 @@ class CapturedStep:
         self.model = model
         self.warmup_steps = warmup_steps
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.cuda.CUDAGraph, object]] = {}
-        self._settings = self._optimizer_settings()
+        self._settings: list | None = None
 
     def _optimizer_settings(self) -> list:
-        """The optimizer's numbers that a graph holds as captured (lr, betas, weight decay, ...)."""
-        return [(k, id(v) if torch.is_tensor(v) else v) for group in self.optimizer.param_groups
-                for k, v in group.items() if k != "params"]
+        """What a graph holds as it was at capture: the optimizer's numbers (lr, betas, weight decay,
+        ...) and its state tensors, which `load_state_dict` replaces."""
+        numbers = [(k, id(v) if torch.is_tensor(v) else v) for group in self.optimizer.param_groups
+                   for k, v in group.items() if k != "params"]
+        return numbers + [id(t) for state in self.optimizer.state.values() for t in state.values()]
 
     def _step(self, inputs: Sequence[torch.Tensor]):
         outputs = self.step_of_batch(*inputs)
@@ -127,13 +130,13 @@ class CapturedStep:
         return static, graph, outputs
 
     def __call__(self, *inputs: torch.Tensor):
-        settings = self._optimizer_settings()
-        if settings != self._settings:  # a scheduler changed the lr: the graphs would replay the old one
+        if self._optimizer_settings() != self._settings:
+            # a scheduler changed the lr, or load_state_dict the state: a graph would replay the old
             self.graphs.clear()
-            self._settings = settings
         key = (self.model.training, *((t.shape, t.dtype) for t in inputs))
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs)
+            self._settings = self._optimizer_settings()
         static, graph, outputs = self.graphs[key]
         for buffer, value in zip(static, inputs):
             buffer.copy_(value)

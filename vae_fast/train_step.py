@@ -220,6 +220,7 @@ class TrainStep:
         self.clip_grad_norm = clip_grad_norm
         self.optimizer_step = FusedAdamStep(optimizer)
         self._required = bool(cuda_graph)
+        self._batch_kind: Callable = type  # rebuilds the batch from the graph's input buffers; set per call
         use_graph = cuda_graph if cuda_graph is not None else problem is None
         self._captured = CapturedStep(self._tensors_step, optimizer, model, warmup_steps=warmup_steps) if use_graph else None
 
