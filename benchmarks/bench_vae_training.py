@@ -261,13 +261,17 @@ def _machine(device: torch.device) -> str:
     return cpu
 
 
+def _interleaving(result: dict) -> str:
+    return "one by one" if result["chunk"] == 1 else f"in runs of {result['chunk']} steps"
+
+
 def report(result: dict) -> str:
     """One batch size's table: median and fastest epoch, held-out loss, each against the example."""
     names = list(result["times"])
     baseline = statistics.median(result["times"][names[0]])
     baseline_min = min(result["times"][names[0]])
     baseline_loss = result["losses"][names[0]][-1]
-    interleaving = "one by one" if result["chunk"] == 1 else f"in runs of {result['chunk']} steps"
+    interleaving = _interleaving(result)
     lines = [
         f"## Batch {result['batch_size']}",
         "",
@@ -297,7 +301,8 @@ def report_train_step(kind: str, results: list[dict]) -> str:
         f"## {kind.upper()} VAE, batch {first['batch_size']}",
         "",
         f"Data: MNIST test files, {first['train']} train / {first['test']} held out; Adam lr {LR}; {first['epochs']} epochs "
-        "after the warm-up steps, the contenders' steps interleaved one by one within a process; epoch time = sum of "
+        f"after the warm-up steps, the contenders' steps interleaved {_interleaving(first)} within a process; epoch "
+        "time = sum of "
         "its steps; warm-up = the first three steps (two full batches and the last, partial one), where compiling and "
         "capturing happen.",
         "",
@@ -331,7 +336,8 @@ def _other_torch(python: str, kind: str, args, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         command = [python, __file__, "--suite", "train-step", "--torch-only", "--models", kind, "--batch-sizes",
-                   str(batch_size), "--epochs", str(args.epochs), "--data-dir", str(args.data_dir), "--json", str(out)]
+                   str(batch_size), "--epochs", str(args.epochs), "--chunk", str(args.chunk), "--data-dir", str(args.data_dir),
+                   "--json", str(out)]
         subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
         return json.loads(out.read_text())
 
@@ -341,7 +347,7 @@ def _train_step_suite(args, device: torch.device) -> list[str]:
     for kind in args.models:
         for size in args.batch_sizes:
             variants = functools.partial(train_step_contenders, kind, torch_only=args.torch_only)
-            result = run(args.epochs, args.data_dir, device=device, batch_size=size, variants=variants)
+            result = run(args.epochs, args.data_dir, device=device, batch_size=size, chunk=args.chunk, variants=variants)
             if args.json:
                 args.json.write_text(json.dumps({k: v for k, v in result.items() if k != "device"}))
                 return []

@@ -180,7 +180,7 @@ def eager_step(model: nn.Module, loss_fn, *, lr: torch.Tensor | float = LEARNING
 def train_step_contenders(kind: str, device: torch.device, *, torch_only: bool = False) -> dict:
     """name -> (model, step(x)) for `kind` ("mlp", "conv"), every model from the same weights; the
     first is the baseline. torch_only: the contenders that need nothing of vae_fast's extension
-    (for another torch's process)."""
+    (for another torch's process): TrainStep on the example's model and loss is pure Python."""
     torch._dynamo.reset()
     example = example_model(kind).to(device)
 
@@ -197,12 +197,12 @@ def train_step_contenders(kind: str, device: torch.device, *, torch_only: bool =
         "torch.compile reduce-overhead, step + compiled Adam (tensor lr)": (
             overhead, eager_step(overhead, torch.compile(example_elbo, mode="reduce-overhead"), lr=lr, compile_optimizer=True)),
     }
-    if torch_only:
-        return contenders
     users = twin()
     contenders["TrainStep, the example's model and loss, fused Adam"] = (
         users, vae_fast.TrainStep(users, torch.optim.Adam(users.parameters(), lr=LEARNING_RATE, fused=True), example_elbo,
                                   cuda_graph=False))
+    if torch_only:
+        return contenders
     fast = vae_fast_model(kind, example).to(device)
     contenders["TrainStep, vae_fast model + fused loss, fused Adam"] = (
         fast, vae_fast.TrainStep(fast, torch.optim.Adam(fast.parameters(), lr=LEARNING_RATE, fused=True), fused_elbo,
