@@ -1,7 +1,8 @@
-"""vae_fast.train_step (the eager step of `vae-fast train`) and the step settings of training:
+"""vae_fast.train_step's pieces as `vae-fast train` uses them, and the step settings of training:
 the direct fused Adam call against torch.optim.Adam, the tensor KL weight of compiled and captured
-steps, --compile and --bf16 runs resuming exactly, and --cuda-graph refused where it cannot run.
-The CUDA-graph training itself is tested in tests/test_cuda.py (GPU only)."""
+steps, --compile and --bf16 runs resuming exactly, --cuda-graph refused where it cannot run, and
+--resume keeping the checkpoint's batch size. TrainStep's public contract: tests/test_train_step_public.py;
+its CUDA graph: tests/test_captured_step.py (GPU only)."""
 
 import copy
 from dataclasses import replace
