@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (device tool): build against that machine's own torch, run the
 # whole test suite (CUDA tests included) with compute-sanitizer's memcheck and racecheck over the
-# CUDA tests beside it, then the GPU training benchmark, the CUDA kernel benchmark, and the profile
-# of the large cases (kernel device times, CUDA-graph replay, ncu's DRAM throughput and occupancy).
+# CUDA tests beside it, then the GPU training benchmark, the CUDA kernel benchmark, the profile
+# of the large cases (kernel device times, CUDA-graph replay, ncu's DRAM throughput and occupancy),
+# and the TrainStep suite if time is left. `gpu_run.sh train-step`: the build, the CUDA tests, then
+# the TrainStep suite (bench_vae_training.py --suite train-step) with the rest of the time.
 # The device machine has no network: nothing is installed, the build uses what is there.
 #
 # Device time is short (about 15 minutes a session, the start included), so every stage has a time
@@ -84,17 +86,29 @@ wait $sanitizer_pid
 pkill -f compute-sanitizer  # a stopped sanitizer's target must not share the GPU with the benchmarks
 cat "$out/sanitizer.log"
 
-stage "training benchmark (real MNIST, batch 128 and 1024)"
 mnist=${VAE_FAST_MNIST_DIR:-../shared/data/mnist}
 [ -d "$mnist" ] || mnist=.gpu_data/mnist
+# train_step_benchmark UNTIL: the TrainStep suite with the time left until UNTIL seconds into the run.
+# Each model and batch size's table is printed as it is done (compiling takes most of the time), so
+# a stage stopped by its limit keeps the tables finished before it.
+train_step_benchmark() {
+  stage "TrainStep against torch.compile (MLP and conv VAE, batch 128 and 1024), as time allows"
+  local left=$(($1 - (SECONDS - started)))
+  if [ $left -le 60 ]; then echo "no time left for it"; return; fi
+  timeout $left python3 benchmarks/bench_vae_training.py --suite train-step --device cuda --batch-sizes 128,1024 \
+    --epochs 5 --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
+  ended train-step-benchmark $?
+}
+if [ "${1:-}" = train-step ]; then  # issue 19's GPU check: this suite right after the CUDA tests
+  train_step_benchmark 570
+  stage "done"
+  exit 0
+fi
+
+stage "training benchmark (real MNIST, batch 128 and 1024)"
 timeout 80 python3 benchmarks/bench_vae_training.py --device cuda --batch-sizes 128,1024 --epochs 10 \
   --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
 ended training-benchmark $?
-
-stage "TrainStep against torch.compile (MLP and conv VAE, batch 128 and 1024; each table printed as it is done)"
-timeout 120 python3 benchmarks/bench_vae_training.py --suite train-step --device cuda --batch-sizes 128,1024 --epochs 5 \
-  --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
-ended train-step-benchmark $?
 
 stage "kernel benchmark (float32, the issue's target sizes)"
 left=$((400 - (SECONDS - started))); [ $left -gt 30 ] || left=30
@@ -108,6 +122,8 @@ timeout 120 ncu --clock-control none -k 'regex:vae_loss_partials|reparameterize'
   --section SpeedOfLight --section Occupancy python3 benchmarks/cuda_profile.py --once 2>&1 |
   grep -E "^  void|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per"
 ended ncu $?
+
+train_step_benchmark 540
 
 stage "the rest of the suite (-m 'not cuda'), as time allows"
 left=$((560 - (SECONDS - started)))
