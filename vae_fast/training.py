@@ -51,7 +51,7 @@ from .checkpoints import model_config
 from .data import Dataset, dequantize_levels, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
-from .model import LEARN_SCALES, LIKELIHOODS, VAE
+from .model import COUNT_LIKELIHOODS, LEARN_SCALES, LIKELIHOODS, VAE
 from .train_step import TrainStep, autocast_context, make_optimizer
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight", "build_model",
@@ -135,10 +135,12 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     data_file: str | None = None
+    layer: str | None = None  # the .h5ad layer holding the counts (--dataset counts)
     dequantize: bool = False
     model: str = "mlp"
     likelihood: str = "bernoulli"
     learn_scale: str = "none"
+    dispersion: str | None = None  # nb/zinb: "gene" (default) or "gene-cell"
     channels: tuple[int, ...] = (32, 64)
     epochs: int = 10
     batch_size: int = 128
@@ -222,15 +224,15 @@ class NegativeElbo(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output, mu, logvar = self.model.forward_output(x)
+        output, mu, logvar, likelihood_kwargs = self.model.forward_loss_inputs(x)
         if isinstance(beta, torch.Tensor):
             # A KL weight read on the device when the step runs (replayed from a CUDA graph, or
             # compiled): the fused loss takes beta as a number fixed when it is called or captured,
             # so it gives the reconstruction term and the weighted KL is added here.
             kl = _kl_sum(mu, logvar)  # the metric's formula, differentiated here
-            recon = vae_loss(output, x, mu, logvar, beta=0.0, **self.model.loss_kwargs())
+            recon = vae_loss(output, x, mu, logvar, beta=0.0, **likelihood_kwargs)
             return recon + beta * kl, kl.detach()
-        loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
+        loss = vae_loss(output, x, mu, logvar, beta=beta, **likelihood_kwargs)
         return loss, _kl_sum(mu.detach(), logvar.detach())
 
 
@@ -238,6 +240,8 @@ def build_model(config: TrainConfig, data: Dataset) -> VAE:
     """The model `config` names for this data: VAE over its features, or ConvVAE over its images
     (grey images (H, W) as one channel, (1, H, W))."""
     scale = {"likelihood": config.likelihood, "learn_scale": config.learn_scale}
+    if config.likelihood in COUNT_LIKELIHOODS:
+        scale.update(dispersion=config.dispersion, library_size=data.median_library_size)
     if config.model == "conv":
         from .conv_model import ConvVAE
 
@@ -422,7 +426,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     rank, world, device = _distributed_setup(config.device)
     _check_process_count(config, world)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
-                                   dequantize=config.dequantize)
+                                   dequantize=config.dequantize, layer=config.layer)
     config.check_data(data)
     if rank == 0:
         Path(config.out).mkdir(parents=True, exist_ok=True)
