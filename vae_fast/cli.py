@@ -218,6 +218,8 @@ def _sample(args) -> int:
     from .plots import write_samples
 
     def run():
+        if args.n < 1:  # before the checkpoint is read, as for every other model
+            raise ValueError(f"--n must be positive, got {args.n}")
         if writes_count_samples(args.checkpoint, args.out, args.library_size):
             path = write_count_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=_device(args),
                                        library_size=args.library_size)

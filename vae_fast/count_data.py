@@ -336,3 +336,15 @@ def write_count_samples(checkpoint_path, out, *, n: int = 64, seed: int = 0, dev
 
         save_sample_heatmap(torch.log1p(counts), out, title=f"{n} cells drawn from the prior, log1p(counts)")
     return out
+
+
+def check_count_dataset(data, reason: str) -> None:
+    """Raises ValueError unless both splits of `data` (a vae_fast.data.Dataset) are counts a count
+    model can read: finite, >= 0, each sample with a positive total. `reason` starts the message."""
+    for split, x in (("training", data.train_x), ("held-out", data.test_x)):
+        if isinstance(x, CountMatrix):
+            continue  # checked when it was loaded
+        try:
+            check_counts(x.detach().cpu().numpy().reshape(len(x), -1), f"data set {data.name}'s {split} split")
+        except DataError as error:
+            raise ValueError(f"{reason} models counts: {error}") from None

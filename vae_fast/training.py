@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .checkpoints import model_config
+from .count_data import check_count_dataset
 from .data import Dataset, dequantize_levels, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
@@ -200,6 +201,8 @@ class TrainConfig:
             if low < 0 or high > 1:
                 raise ValueError(f"--likelihood bernoulli needs data in [0, 1], but data set {data.name} holds values in "
                                  f"[{low:.3g}, {high:.3g}]; use --likelihood gaussian or laplace for real-valued data")
+        if self.likelihood in COUNT_LIKELIHOODS:
+            check_count_dataset(data, f"--likelihood {self.likelihood}")
         if self.model == "conv" and not data.is_image:
             raise ValueError(f"--model conv needs image data, but data set {data.name} has samples of shape "
                              f"{tuple(data.image_shape)} (tabular); use --model mlp")
@@ -240,7 +243,7 @@ def build_model(config: TrainConfig, data: Dataset) -> VAE:
     """The model `config` names for this data: VAE over its features, or ConvVAE over its images
     (grey images (H, W) as one channel, (1, H, W))."""
     scale = {"likelihood": config.likelihood, "learn_scale": config.learn_scale}
-    if config.likelihood in COUNT_LIKELIHOODS:
+    if config.likelihood in COUNT_LIKELIHOODS and config.model == "mlp":  # ConvVAE rejects count likelihoods
         scale.update(dispersion=config.dispersion, library_size=data.median_library_size)
     if config.model == "conv":
         from .conv_model import ConvVAE
