@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = ["reparameterize", "vae_loss", "loss_function", "kl_divergence", "reconstruction_loss", "LIKELIHOODS"]
 
-LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+LIKELIHOODS = ("bernoulli", "gaussian", "laplace", "poisson", "nb", "zinb")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_2 = math.log(2.0)
 
