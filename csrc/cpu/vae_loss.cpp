@@ -17,7 +17,6 @@ namespace {
 // reduced loss times grad_scale into the call's gradient tensors.
 void run_loss_kernel(const LossCall& call, const std::array<bool, 6>& grad_mask, bool logits, double log_scale_value,
                      double beta, double grad_scale, std::vector<double>& row_loss) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!math::is_count(call.likelihood), "vae_loss: the count likelihoods' CPU kernel is not written yet");
   const LossShape& shape = call.shape;
   row_loss.resize(shape.batch);
   LossProblem p;
