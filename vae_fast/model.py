@@ -216,6 +216,8 @@ class VAE(LikelihoodVAE):
     eval mode too; `reconstruct` gives the mean reconstruction.
     """
 
+    models_counts = True
+
     def __init__(
         self,
         input_dim: int = 784,
@@ -249,8 +251,6 @@ class VAE(LikelihoodVAE):
             self.decoder_heads = nn.Linear(self.hidden_dims[0], len(self._count_heads()) * self.input_dim)
         else:
             self.decoder = _mlp((self.latent_dim, *reversed(self.hidden_dims), self.input_dim))
-
-    models_counts = True
 
     def _init_counts(self, dispersion: str | None, library_size: float | None) -> None:
         has_dispersion = self.likelihood in ("nb", "zinb")
