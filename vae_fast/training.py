@@ -261,8 +261,9 @@ def _input_shape(model: VAE) -> tuple[int, ...]:
 
 def decoder_scale(model: VAE) -> float | None:
     """The decoder's scale (sigma for gaussian, b for laplace) as one number: exp(log_scale), its
-    mean over features when there is one per feature, 1 for a fixed unit scale; None for bernoulli."""
-    if model.likelihood == "bernoulli":
+    mean over features when there is one per feature, 1 for a fixed unit scale; None for bernoulli
+    and the count likelihoods (whose spread is their dispersion, not a scale)."""
+    if model.likelihood not in ("gaussian", "laplace"):
         return None
     if model.log_scale is None:
         return 1.0
