@@ -81,15 +81,11 @@ __device__ __forceinline__ at::opmath_type<scalar_t> log_scale_at(const LossArgs
   }
 }
 
-// log_theta of the element at flat index i (feature j of its row), in double: the count terms are
-// computed in double (csrc/vae_math.h).
+// log_theta of the element at flat index i (feature j of its row) for a per-feature or per-element
+// log_theta, in double: the count terms are computed in double (csrc/vae_math.h).
 template <typename scalar_t>
-__device__ __forceinline__ double count_log_theta(const LossArgs<scalar_t>& a, int64_t i, int64_t j, double uniform) {
-  switch (a.layout) {
-    case math::ScaleLayout::per_feature: return static_cast<double>(a.log_scale[j]);
-    case math::ScaleLayout::per_element: return static_cast<double>(a.log_scale[i]);
-    default: return uniform;
-  }
+__device__ __forceinline__ double count_log_theta(const LossArgs<scalar_t>& a, int64_t i, int64_t j) {
+  return static_cast<double>(a.layout == math::ScaleLayout::per_feature ? a.log_scale[j] : a.log_scale[i]);
 }
 
 template <bool kLogits, typename acc_t>
@@ -124,10 +120,9 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
 
   // One shared scale: its log and exp once per thread.
   acc_t s_uniform(0), r_uniform(1), constant(0);
-  double t_uniform = 0.0, theta_uniform = 1.0;
+  math::NbTheta<double> theta_uniform{};
   if constexpr (kCount) {
-    t_uniform = a.log_scale ? static_cast<double>(a.log_scale[0]) : a.log_scale_value;
-    theta_uniform = ::exp(t_uniform);
+    theta_uniform = math::nb_theta(a.log_scale ? static_cast<double>(a.log_scale[0]) : a.log_scale_value);
   } else if constexpr (!kBernoulli) {
     s_uniform = a.log_scale ? static_cast<acc_t>(a.log_scale[0]) : static_cast<acc_t>(a.log_scale_value);
     r_uniform = math::inverse_scale(s_uniform);
@@ -151,13 +146,14 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
         gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
       } else if constexpr (kCount) {
         const double l = static_cast<double>(r.v[k]), xv = static_cast<double>(x.v[k]);
-        const double t = count_log_theta(a, i + k, i + k - base, t_uniform);
-        const double theta = a.layout == math::ScaleLayout::uniform ? theta_uniform : ::exp(t);
+        const math::NbTheta<double> th = a.layout == math::ScaleLayout::uniform
+                                             ? theta_uniform
+                                             : math::nb_theta(count_log_theta(a, i + k, i + k - base));
         const double z = kLik == math::Likelihood::zinb ? static_cast<double>(a.zi_logits[i + k]) : 0.0;
-        const math::CountTerm<double> c = math::count_term<kLik>(l, xv, t, theta, z);
+        const math::CountTerm<double> c = math::count_term<kLik>(l, xv, th, z);
         sum += static_cast<acc_t>(c.loss);
         gr.v[k] = static_cast<scalar_t>(c.d_recon * grad_scale);
-        if (a.grad_target) gx.v[k] = static_cast<scalar_t>(math::count_target_grad<kLik>(l, xv, t, theta, z) * grad_scale);
+        if (a.grad_target) gx.v[k] = static_cast<scalar_t>(math::count_target_grad<kLik>(l, xv, th, z) * grad_scale);
         if (a.grad_zi_logits) a.grad_zi_logits[i + k] = static_cast<scalar_t>(c.d_zi * grad_scale);
         grad_s_sum += static_cast<acc_t>(c.d_log_theta);
         if (a.grad_log_scale_elements) a.grad_log_scale_elements[i + k] = static_cast<scalar_t>(c.d_log_theta * grad_scale);
