@@ -318,8 +318,9 @@ int64_t chunks_per_row(const LossShape& shape) {
 // One fused pass over a prepared call: every wanted gradient into the call's tensors (times
 // grad_output when given, a device pointer; see LossArgs), with the log_scale gradient reduced to
 // its shape, and each warp item's loss into `partial` [batch * chunks_per_row] (loss dtype).
-void launch_loss_pass(const LossCall& call, const std::array<bool, 5>& grad_mask, bool logits, double log_scale_value,
+void launch_loss_pass(const LossCall& call, const std::array<bool, 6>& grad_mask, bool logits, double log_scale_value,
                       double beta, const at::Tensor& grad_output, bool keep_if_one, at::Tensor& partial) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!math::is_count(call.likelihood), "vae_loss: the count likelihoods' CUDA kernel is not written yet");
   const LossShape& shape = call.shape;
   const at::Tensor& recon = call.recon;
   const int64_t chunks = chunks_per_row(shape);
@@ -379,12 +380,13 @@ void launch_loss_pass(const LossCall& call, const std::array<bool, 5>& grad_mask
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
-    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
+    const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+    c10::string_view likelihood, bool logits, double log_scale_value, double beta, c10::string_view reduction,
+    std::array<bool, 6> grad_mask) {
   const LossCall call =
-      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+      prepare_loss_call(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta, reduction, grad_mask);
   const LossShape& shape = call.shape;
   const c10::cuda::CUDAGuard device_guard(recon.device());
   const int64_t chunks = chunks_per_row(shape);
@@ -396,19 +398,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "vae_fast::vae_loss (CUDA)", [&] {
     launch_loss_reduction<scalar_t>(partial, shape.batch, chunks, call.reduction, loss);
   });
-  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale, call.grad_zi_logits};
 }
 
 // The same pass again with grad_output read on the device, into the given gradients (the loss's
 // partials go to scratch); with keep_if_one and grad_output 1 every kernel returns at once.
 void vae_loss_grads_cuda(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                         const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
-                         double log_scale_value, double beta, c10::string_view reduction,
-                         std::array<bool, 5> grad_mask, const at::Tensor& grad_output, bool keep_if_one,
-                         at::TensorList grads) {
+                         const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+                         c10::string_view likelihood, bool logits, double log_scale_value, double beta,
+                         c10::string_view reduction, std::array<bool, 6> grad_mask, const at::Tensor& grad_output,
+                         bool keep_if_one, at::TensorList grads) {
   check_grad_output(grad_output, recon);
-  const LossCall call = prepare_loss_grads_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction,
-                                                grad_mask, grads);
+  const LossCall call = prepare_loss_grads_call(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta,
+                                                reduction, grad_mask, grads);
   const c10::cuda::CUDAGuard device_guard(recon.device());
   const at::ScalarType acc_dtype = loss_dtype(recon.scalar_type());
   const at::Tensor factor = grad_output.reshape({}).to(acc_dtype).contiguous();
