@@ -455,8 +455,33 @@ VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;
   r.d_recon = select_nonneg(zero, gc.sig_neg * nb.d_recon, nb.d_recon) + poison;
   r.d_log_theta = select_nonneg(zero, gc.sig_neg * nb.d_log_theta, nb.d_log_theta) + poison;
-  r.d_zi = select_nonneg(zero, dz0, gz.sig) + (A - A);
+  r.d_zi = select_nonneg(zero, dz0, gz.sig) + poison + (A - A);
   return r;
+}
+
+// The term of a count likelihood (t, theta = exp(t): nb/zinb; z: zinb; unused otherwise).
+template <Likelihood kLik, typename T>
+VAE_HD CountTerm<T> count_term(T l, T x, T t, T theta, T z) {
+  static_assert(is_count(kLik), "count_term: poisson, nb or zinb");
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_term(l, x);
+  } else {
+    const CountTerm<T> nb = nb_term(l, x, t, theta, nb_parts(l, x, t, theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_term(z, x, nb);
+    return nb;
+  }
+}
+
+// Its d NLL / d x, computed only where the target's gradient is wanted (two more digammas).
+template <Likelihood kLik, typename T>
+VAE_HD T count_target_grad(T l, T x, T t, T theta, T z) {
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_target_grad(l, x);
+  } else {
+    const T nb = nb_target_grad(l, x, t, theta, nb_parts(l, x, t, theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_target_grad(z, x, nb);
+    return nb;
+  }
 }
 
 // ---- KL(N(mu, exp(logvar)) || N(0, 1)), one latent ----

@@ -351,28 +351,6 @@ void from_count(const count_t* src, out_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<out_t>(src[i]);
 }
 
-template <Likelihood kLik, typename T>
-CountTerm<T> count_term(T l, T x, T t, T theta, T z) {
-  if constexpr (kLik == Likelihood::poisson) {
-    return poisson_term(l, x);
-  } else {
-    const CountTerm<T> nb = nb_term(l, x, t, theta, nb_parts(l, x, t, theta));
-    if constexpr (kLik == Likelihood::zinb) return zinb_term(z, x, nb);
-    return nb;
-  }
-}
-
-template <Likelihood kLik, typename T>
-T count_target_grad(T l, T x, T t, T theta, T z) {
-  if constexpr (kLik == Likelihood::poisson) {
-    return poisson_target_grad(l, x);
-  } else {
-    const T nb = nb_target_grad(l, x, t, theta, nb_parts(l, x, t, theta));
-    if constexpr (kLik == Likelihood::zinb) return zinb_target_grad(z, x, nb);
-    return nb;
-  }
-}
-
 // log_theta as the count kernels read it: one value (t_uniform), or per feature (t and theta =
 // exp(t) hoisted out of the rows), or per element (t read with the data, theta computed there).
 struct CountTheta {
