@@ -4,9 +4,9 @@ public functions in `vae_fast` (validation is done by the caller, `vae_fast.func
 
 Half-precision inputs are computed in float32 and the loss is returned in float32 (float64 stays
 float64), as the compiled kernels do. The count likelihoods (poisson, nb, zinb) are the exception:
-they are computed in float64 for every input dtype, because float32 cannot hold the digits of a
-count's log-likelihood (at x = mu = 1e6 it is about -8, made of terms of about 1e7); their loss is
-returned in the same dtype as the others'.
+they are computed in float64 for every input dtype (on devices that have it), because float32
+cannot hold the digits of a count's log-likelihood (at x = mu = 1e6 it is about -8, made of terms
+of about 1e7); their loss is returned in the same dtype as the others'.
 """
 
 from __future__ import annotations
@@ -209,7 +209,10 @@ def reconstruction_loss(
     zero-inflation probability (zinb); see `vae_fast.vae_loss` for the formulas.
     """
     if likelihood in COUNT_LIKELIHOODS:
-        r, t = _rows(recon, torch.float64), _rows(x, torch.float64)
+        # float64 where the device has it (Apple's MPS has not: float32 there, which loses digits of
+        # the loss at large counts; see the module docstring)
+        count_dtype = torch.float32 if recon.device.type == "mps" else torch.float64
+        r, t = _rows(recon, count_dtype), _rows(x, count_dtype)
         with torch.autocast(r.device.type, enabled=False):
             return _count_nll(r, t, likelihood, log_theta, zi_logits).to(_compute_dtype(recon))
     dtype = _compute_dtype(recon)
