@@ -18,8 +18,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using LossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LossGradMask = std::array<bool, 5>;
+using LossResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LossGradMask = std::array<bool, 6>;
 
 // The device kernels, called through the dispatcher below autograd (typed handles found once).
 at::Tensor reparameterize_op(const at::Tensor& mu, const at::Tensor& logvar, std::optional<at::Generator> generator) {
@@ -53,15 +53,17 @@ at::Tensor reparameterize_noise_op(const at::Tensor& logvar, const at::Tensor& s
 }
 
 LossResult vae_loss_op(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                       const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
-                       double log_scale_value, double beta, c10::string_view reduction, LossGradMask grad_mask) {
+                       const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+                       c10::string_view likelihood, bool logits, double log_scale_value, double beta,
+                       c10::string_view reduction, LossGradMask grad_mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("vae_fast::vae_loss", "")
           .typed<LossResult(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, c10::string_view, bool, double, double, c10::string_view,
-                            LossGradMask)>();
-  return op.call(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view, bool,
+                            double, double, c10::string_view, LossGradMask)>();
+  return op.call(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, log_scale_value, beta, reduction,
+                 grad_mask);
 }
 
 const c10::TypedOperatorHandle<void(at::TensorList, const at::Tensor&)>& scale_by_grad_output_handle() {
@@ -72,8 +74,9 @@ const c10::TypedOperatorHandle<void(at::TensorList, const at::Tensor&)>& scale_b
 }
 
 using LossGradsSignature = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const std::optional<at::Tensor>&, c10::string_view, bool, double, double,
-                                c10::string_view, LossGradMask, const at::Tensor&, bool, at::TensorList);
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
+                                bool, double, double, c10::string_view, LossGradMask, const at::Tensor&, bool,
+                                at::TensorList);
 
 const c10::TypedOperatorHandle<LossGradsSignature>& vae_loss_grads_handle() {
   static const auto op =
@@ -95,15 +98,16 @@ void scale_by_grad_output_ad_inplace_or_view(c10::DispatchKeySet keys, at::Tenso
 
 void vae_loss_grads_ad_inplace_or_view(c10::DispatchKeySet keys, const at::Tensor& recon, const at::Tensor& x,
                                        const at::Tensor& mu, const at::Tensor& logvar,
-                                       const std::optional<at::Tensor>& log_scale, c10::string_view likelihood,
+                                       const std::optional<at::Tensor>& log_scale,
+                                       const std::optional<at::Tensor>& zi_logits, c10::string_view likelihood,
                                        bool logits, double log_scale_value, double beta, c10::string_view reduction,
                                        LossGradMask grad_mask, const at::Tensor& grad_output, bool keep_if_one,
                                        at::TensorList grads) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     vae_loss_grads_handle().redispatch(keys & c10::after_ADInplaceOrView_keyset, recon, x, mu, logvar, log_scale,
-                                       likelihood, logits, log_scale_value, beta, reduction, grad_mask, grad_output,
-                                       keep_if_one, grads);
+                                       zi_logits, likelihood, logits, log_scale_value, beta, reduction, grad_mask,
+                                       grad_output, keep_if_one, grads);
   }
   for (const at::Tensor& grad : grads) torch::autograd::impl::bump_version(grad);
 }
@@ -159,14 +163,15 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
                                const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
-                               c10::string_view likelihood, bool logits, double log_scale_value, double beta,
-                               c10::string_view reduction, LossGradMask grad_mask) {
+                               const std::optional<at::Tensor>& zi_logits, c10::string_view likelihood, bool logits,
+                               double log_scale_value, double beta, c10::string_view reduction,
+                               LossGradMask grad_mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale] =
-        vae_loss_op(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
+    auto [loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, grad_zi_logits] = vae_loss_op(
+        recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
     // The inputs too: a backward whose grad_output is not 1 computes the gradients again from them.
-    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, recon, x, mu, logvar,
-                            log_scale.value_or(at::Tensor())});
+    ctx->save_for_backward({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, grad_zi_logits, recon, x, mu,
+                            logvar, log_scale.value_or(at::Tensor()), zi_logits.value_or(at::Tensor())});
     ctx->saved_data["likelihood"] = std::string(likelihood);
     ctx->saved_data["logits"] = logits;
     ctx->saved_data["log_scale_value"] = log_scale_value;
@@ -180,14 +185,14 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
       ctx->saved_data["log_scale_shape"] = log_scale->sizes().vec();
       ctx->saved_data["log_scale_dtype"] = log_scale->scalar_type();
     }
-    ctx->mark_non_differentiable({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale});
+    ctx->mark_non_differentiable({grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, grad_zi_logits});
     // Nothing flows back into the gradient outputs: don't allocate zero gradients for them.
     ctx->set_materialize_grads(false);
-    return {loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale};
+    return {loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, grad_zi_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list result(11);
+    variable_list result(12);
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return result;  // the loss took no part in what is differentiated
     const bool traced = is_traced(grad_loss);
@@ -196,16 +201,20 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
                 "wrong second derivatives); use vae_fast.reference.vae_loss for those");
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
     const int64_t mask = ctx->saved_data["grad_mask"].toInt();
-    // saved[i], i < 5, is the gradient of input i for the tensor inputs recon, x, mu, logvar,
-    // log_scale (schema positions 0-4); saved[5 + i] is input i itself.
+    // saved[i], i < 6, is the gradient of input i for the tensor inputs recon, x, mu, logvar,
+    // log_scale, zi_logits (schema positions 0-5); saved[6 + i] is input i itself.
     const variable_list saved = ctx->get_saved_variables();
     const bool has_log_scale = ctx->saved_data.find("log_scale_shape") != ctx->saved_data.end();
+    const bool has_zi_logits = saved[11].defined();
     const bool by_kernel = !per_sample && !traced;
     const variable_list grads =
-        by_kernel ? scaled_gradients(ctx, saved, grad_loss) : variable_list(saved.begin(), saved.begin() + 5);
+        by_kernel ? scaled_gradients(ctx, saved, grad_loss) : variable_list(saved.begin(), saved.begin() + 6);
     for (size_t i = 0; i < grads.size(); ++i) {
-      // Without a log_scale tensor the node has no fifth input edge to ask about.
-      if ((i == 4 && !has_log_scale) || !ctx->needs_input_grad(i)) continue;
+      // The node has an input edge only for each tensor given: without a log_scale, zi_logits's is
+      // the fifth edge, and a tensor not given has none to ask about.
+      if ((i == 4 && !has_log_scale) || (i == 5 && !has_zi_logits)) continue;
+      const size_t edge = i == 5 && !has_log_scale ? 4 : i;
+      if (!ctx->needs_input_grad(edge)) continue;
       TORCH_CHECK((mask >> i) & 1, "vae_fast::vae_loss was called with grad_mask[", i,
                   "]=False for an input that requires grad; call vae_fast.vae_loss, which sets the mask");
       const at::Tensor& grad = grads[i];
@@ -253,9 +262,9 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     for (size_t i = 0; i < grad_mask.size(); ++i) grad_mask[i] = (mask >> i) & 1;
     const bool first = ctx->saved_data.find("handed_out") == ctx->saved_data.end();
     ctx->saved_data["handed_out"] = true;
-    variable_list grads(saved.begin(), saved.begin() + 5);
+    variable_list grads(saved.begin(), saved.begin() + 6);
     at::AutoDispatchBelowADInplaceOrView guard;  // no version bumps: see the ADInplaceOrView kernels
-    const bool half = at::isReducedFloatingType(saved[5].scalar_type());
+    const bool half = at::isReducedFloatingType(saved[6].scalar_type());
     if (first && !half) {
       std::vector<at::Tensor> wanted;  // one call for every gradient (one launch on CUDA)
       for (size_t i = 0; i < grads.size(); ++i) {
@@ -269,9 +278,8 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
         if (grad_mask[i]) grads[i] = at::empty_like(grads[i], at::MemoryFormat::Contiguous);
       }
     }
-    const std::optional<at::Tensor> log_scale =
-        saved[9].defined() ? std::optional<at::Tensor>(saved[9]) : std::optional<at::Tensor>();
-    vae_loss_grads_handle().call(saved[5], saved[6], saved[7], saved[8], log_scale,
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    vae_loss_grads_handle().call(saved[6], saved[7], saved[8], saved[9], optional(saved[10]), optional(saved[11]),
                                  ctx->saved_data["likelihood"].toStringRef(), ctx->saved_data["logits"].toBool(),
                                  ctx->saved_data["log_scale_value"].toDouble(), ctx->saved_data["beta"].toDouble(),
                                  ctx->saved_data["reduction"].toStringRef(), grad_mask, grad_loss,
@@ -289,11 +297,12 @@ at::Tensor reparameterize_autograd(const at::Tensor& mu, const at::Tensor& logva
 }
 
 LossResult vae_loss_autograd(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                             const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
-                             double log_scale_value, double beta, c10::string_view reduction, LossGradMask grad_mask) {
-  const variable_list out =
-      VaeLoss::apply(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask);
-  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+                             const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+                             c10::string_view likelihood, bool logits, double log_scale_value, double beta,
+                             c10::string_view reduction, LossGradMask grad_mask) {
+  const variable_list out = VaeLoss::apply(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits,
+                                           log_scale_value, beta, reduction, grad_mask);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6]};
 }
 
 }  // namespace

@@ -50,27 +50,31 @@ TORCH_LIBRARY(vae_fast, m) {
   m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor noise_state) -> Tensor");
   // eps itself, in logvar's shape and dtype (for a differentiable double backward).
   m.def("reparameterize_noise(Tensor logvar, Tensor noise_state) -> Tensor");
-  // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale); a gradient is an empty
-  // tensor unless its grad_mask entry is set. Gradients are of the reduced loss (before scaling by
-  // grad_output); for reduction "none", grad_log_scale holds each element's own derivative instead,
-  // [batch, *per-sample] in the loss dtype, which the backward weighs by sample and reduces.
+  // Returns (loss, grad_recon, grad_x, grad_mu, grad_logvar, grad_log_scale, grad_zi_logits); a
+  // gradient is an empty tensor unless its grad_mask entry is set. Gradients are of the reduced loss
+  // (before scaling by grad_output); for reduction "none", grad_log_scale holds each element's own
+  // derivative instead, [batch, *per-sample] in the loss dtype, which the backward weighs by sample
+  // and reduces.
   // likelihood "bernoulli" (recon: probabilities, or logits when `logits`), "gaussian" or "laplace"
-  // (recon: mean / location; log_scale: the scale's log, a tensor, or log_scale_value when None).
-  m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, str likelihood, bool logits, "
-        "float log_scale_value, float beta, str reduction, bool[5] grad_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (recon: mean / location; log_scale: the scale's log, a tensor, or log_scale_value when None),
+  // "poisson", "nb" or "zinb" (recon: log of the mean; nb/zinb: log_scale carries log_theta, the log
+  // inverse dispersion, or log_scale_value when None; zinb: zi_logits, recon's shape, the logits of
+  // the zero-inflation probability; None for every other likelihood).
+  m.def("vae_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, Tensor? zi_logits, "
+        "str likelihood, bool logits, float log_scale_value, float beta, str reduction, bool[6] grad_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // grad *= grad_output (one element) for every grad of the list, in place, in one call (one launch
   // on CUDA), skipped when grad_output is 1: the first backward of vae_loss with reduction
   // "sum"/"mean" for float32/float64 inputs, without a host sync on CUDA. Its ADInplaceOrView kernel
   // (csrc/autograd.cpp) bumps each grad's version on every device, so autograd sees the mutation.
   m.def("scale_by_grad_output_(Tensor(a!)[] grads, Tensor grad_output) -> ()");
   // The gradients of vae_loss's reduced loss ("sum" or "mean") times grad_output (one element),
-  // computed again from the inputs into `grads` (the five gradient outputs of vae_loss, in place), so
+  // computed again from the inputs into `grads` (the six gradient outputs of vae_loss, in place), so
   // that the factor applies in float before rounding to the gradient's dtype. With keep_if_one and
   // grad_output 1 (the usual `loss.backward()`), grads are left as they are, decided on the device
   // on CUDA (no host sync). Its ADInplaceOrView kernel (csrc/autograd.cpp) bumps each grad's
   // version, so autograd sees the mutation.
-  m.def("vae_loss_grads_(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, str likelihood, "
-        "bool logits, float log_scale_value, float beta, str reduction, bool[5] grad_mask, Tensor grad_output, "
-        "bool keep_if_one, Tensor(a!)[] grads) -> ()");
+  m.def("vae_loss_grads_(Tensor recon, Tensor x, Tensor mu, Tensor logvar, Tensor? log_scale, Tensor? zi_logits, "
+        "str likelihood, bool logits, float log_scale_value, float beta, str reduction, bool[6] grad_mask, "
+        "Tensor grad_output, bool keep_if_one, Tensor(a!)[] grads) -> ()");
 }

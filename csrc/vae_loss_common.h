@@ -28,8 +28,23 @@ inline math::Likelihood parse_likelihood(c10::string_view likelihood) {
   if (likelihood == "bernoulli") return math::Likelihood::bernoulli;
   if (likelihood == "gaussian") return math::Likelihood::gaussian;
   if (likelihood == "laplace") return math::Likelihood::laplace;
-  TORCH_CHECK_VALUE(false, "vae_loss: likelihood must be 'bernoulli', 'gaussian' or 'laplace', got '",
+  if (likelihood == "poisson") return math::Likelihood::poisson;
+  if (likelihood == "nb") return math::Likelihood::nb;
+  if (likelihood == "zinb") return math::Likelihood::zinb;
+  TORCH_CHECK_VALUE(false, "vae_loss: likelihood must be 'bernoulli', 'gaussian', 'laplace', 'poisson', 'nb' or 'zinb', got '",
                     std::string(likelihood), "'");
+}
+
+inline const char* likelihood_name(math::Likelihood likelihood) {
+  switch (likelihood) {
+    case math::Likelihood::bernoulli: return "bernoulli";
+    case math::Likelihood::gaussian: return "gaussian";
+    case math::Likelihood::laplace: return "laplace";
+    case math::Likelihood::poisson: return "poisson";
+    case math::Likelihood::nb: return "nb";
+    case math::Likelihood::zinb: return "zinb";
+  }
+  return "?";
 }
 
 struct LossShape {
@@ -92,12 +107,27 @@ inline math::ScaleLayout check_log_scale(const at::Tensor& log_scale, const at::
                     recon.sizes(), ")");
 }
 
+// zi_logits: given for the zinb likelihood only, and then of recon's shape, dtype and device.
+inline void check_zi_logits(const std::optional<at::Tensor>& zi_logits, math::Likelihood likelihood,
+                            const at::Tensor& recon) {
+  const bool zinb = likelihood == math::Likelihood::zinb;
+  TORCH_CHECK_VALUE(zinb == zi_logits.has_value(), zinb ? "vae_loss: the 'zinb' likelihood needs zi_logits, got None"
+                                                        : "vae_loss: zi_logits applies to the 'zinb' likelihood only; it must be None");
+  if (!zinb) return;
+  TORCH_CHECK_TYPE(zi_logits->scalar_type() == recon.scalar_type(), "vae_loss: zi_logits has dtype ",
+                   zi_logits->scalar_type(), " but recon has ", recon.scalar_type(), "; all inputs of the op must share one dtype");
+  TORCH_CHECK_VALUE(zi_logits->device() == recon.device(), "vae_loss: zi_logits is on ", zi_logits->device(),
+                    " but recon is on ", recon.device());
+  TORCH_CHECK_VALUE(zi_logits->sizes() == recon.sizes(), "vae_loss: zi_logits must have recon's shape ", recon.sizes(),
+                    ", got ", zi_logits->sizes());
+}
+
 // Losses of half-precision inputs come back in float32: a summed loss overflows float16 easily.
 inline at::ScalarType loss_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Empty placeholder for a gradient that was not asked for (the op always returns five tensors).
+// Empty placeholder for a gradient that was not asked for (the op always returns six tensors).
 inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
   return wanted ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous))
                 : at::empty({0}, t.options());
@@ -113,7 +143,8 @@ struct LossCall {
   double grad_scale;  // 1, or 1/batch for "mean": the kernels write gradients of the reduced loss
   at::Tensor recon, x, mu, logvar;
   at::Tensor log_scale;  // undefined: the fixed value
-  at::Tensor grad_recon, grad_x, grad_mu, grad_logvar;
+  at::Tensor zi_logits;  // zinb only (undefined otherwise), recon's shape
+  at::Tensor grad_recon, grad_x, grad_mu, grad_logvar, grad_zi_logits;
   // In log_scale's shape; for reduction "none", each element's derivative instead (see
   // LossProblem::grad_log_scale in csrc/cpu/kernels.h), [batch, *per-sample shape] in the loss dtype.
   at::Tensor grad_log_scale;
@@ -128,8 +159,9 @@ struct LossCall {
 // The checked, contiguous inputs of a call; its gradient tensors are left for the caller to set.
 inline LossCall prepare_loss_inputs(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
                                     const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
-                                    c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
-                                    const std::array<bool, 5>& grad_mask) {
+                                    const std::optional<at::Tensor>& zi_logits, c10::string_view likelihood,
+                                    bool logits, double beta, c10::string_view reduction,
+                                    const std::array<bool, 6>& grad_mask) {
   LossCall call;
   call.reduction = parse_reduction(reduction);
   call.likelihood = parse_likelihood(likelihood);
@@ -138,7 +170,11 @@ inline LossCall prepare_loss_inputs(const at::Tensor& recon, const at::Tensor& x
   TORCH_CHECK_VALUE(!(logits && !bernoulli), "vae_loss: logits=True applies to the Bernoulli likelihood only, got likelihood '",
                     std::string(likelihood), "'");
   TORCH_CHECK_VALUE(!(bernoulli && log_scale.has_value()), "vae_loss: the Bernoulli likelihood has no scale; log_scale must be None");
+  TORCH_CHECK_VALUE(!(call.likelihood == math::Likelihood::poisson && log_scale.has_value()),
+                    "vae_loss: the Poisson likelihood has no dispersion; log_scale (log_theta) must be None");
   TORCH_CHECK_VALUE(!(grad_mask[4] && !log_scale.has_value()), "vae_loss: grad_mask[4] asks for the gradient of a log_scale that was not given");
+  check_zi_logits(zi_logits, call.likelihood, recon);
+  TORCH_CHECK_VALUE(!(grad_mask[5] && !zi_logits.has_value()), "vae_loss: grad_mask[5] asks for the gradient of a zi_logits that was not given");
   call.scale_layout = log_scale.has_value() ? check_log_scale(*log_scale, recon) : math::ScaleLayout::uniform;
   call.grad_scale = (call.reduction == Reduction::mean && call.shape.batch > 0)
                         ? 1.0 / static_cast<double>(call.shape.batch)
@@ -148,19 +184,22 @@ inline LossCall prepare_loss_inputs(const at::Tensor& recon, const at::Tensor& x
   call.mu = mu.contiguous();
   call.logvar = logvar.contiguous();
   if (log_scale.has_value()) call.log_scale = log_scale->contiguous();
+  if (zi_logits.has_value()) call.zi_logits = zi_logits->contiguous();
   return call;
 }
 
 // vae_fast::vae_loss: the inputs, and its gradient outputs allocated (or empty placeholders).
 inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
                                   const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
-                                  c10::string_view likelihood, bool logits, double beta, c10::string_view reduction,
-                                  const std::array<bool, 5>& grad_mask) {
-  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+                                  const std::optional<at::Tensor>& zi_logits, c10::string_view likelihood, bool logits,
+                                  double beta, c10::string_view reduction, const std::array<bool, 6>& grad_mask) {
+  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta, reduction,
+                                      grad_mask);
   call.grad_recon = maybe_grad_like(recon, grad_mask[0]);
   call.grad_x = maybe_grad_like(x, grad_mask[1]);
   call.grad_mu = maybe_grad_like(mu, grad_mask[2]);
   call.grad_logvar = maybe_grad_like(logvar, grad_mask[3]);
+  call.grad_zi_logits = zi_logits.has_value() ? maybe_grad_like(*zi_logits, grad_mask[5]) : at::empty({0}, recon.options());
   call.grad_log_scale_per_element = grad_mask[4] && call.reduction == Reduction::none;
   if (call.grad_log_scale_per_element) {
     call.grad_log_scale = at::empty(recon.sizes(), recon.options().dtype(loss_dtype(recon.scalar_type())));
@@ -182,14 +221,16 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& r
 // one must be what vae_fast::vae_loss returned for it (the input's shape and dtype, contiguous).
 inline LossCall prepare_loss_grads_call(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu,
                                         const at::Tensor& logvar, const std::optional<at::Tensor>& log_scale,
-                                        c10::string_view likelihood, bool logits, double beta,
-                                        c10::string_view reduction, const std::array<bool, 5>& grad_mask,
-                                        at::TensorList grads) {
-  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+                                        const std::optional<at::Tensor>& zi_logits, c10::string_view likelihood,
+                                        bool logits, double beta, c10::string_view reduction,
+                                        const std::array<bool, 6>& grad_mask, at::TensorList grads) {
+  LossCall call = prepare_loss_inputs(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta, reduction,
+                                      grad_mask);
   TORCH_CHECK_VALUE(call.reduction != Reduction::none, "vae_loss_grads_: reduction must be 'sum' or 'mean', got 'none'");
-  TORCH_CHECK_VALUE(grads.size() == 5, "vae_loss_grads_: grads must hold 5 tensors (recon, x, mu, logvar, log_scale), got ",
+  TORCH_CHECK_VALUE(grads.size() == 6,
+                    "vae_loss_grads_: grads must hold 6 tensors (recon, x, mu, logvar, log_scale, zi_logits), got ",
                     grads.size());
-  const std::array<const at::Tensor*, 5> inputs{&recon, &x, &mu, &logvar, &call.log_scale};
+  const std::array<const at::Tensor*, 6> inputs{&recon, &x, &mu, &logvar, &call.log_scale, &call.zi_logits};
   for (size_t i = 0; i < grads.size(); ++i) {
     if (!grad_mask[i]) continue;
     TORCH_CHECK_VALUE(grads[i].sizes() == inputs[i]->sizes() && grads[i].scalar_type() == recon.scalar_type() &&
@@ -203,6 +244,7 @@ inline LossCall prepare_loss_grads_call(const at::Tensor& recon, const at::Tenso
   call.grad_mu = grads[2];
   call.grad_logvar = grads[3];
   call.grad_log_scale = grads[4];
+  call.grad_zi_logits = grads[5];
   return call;
 }
 

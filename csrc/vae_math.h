@@ -60,6 +60,10 @@ template <typename S>
 VAE_HD S clamp_below(S v, S lo) { return v < lo ? lo : v; }
 template <typename S>
 VAE_HD S select_nonneg(S cond, S if_nonneg, S if_neg) { return cond >= S(0) ? if_nonneg : if_neg; }
+// Whether v (any lane of a vector) is negative: lets a branch-free formula skip a part that no lane
+// selects (NaN counts as not negative).
+template <typename S>
+VAE_HD bool any_negative_(S v) { return v < S(0); }
 // -1, 0 or +1 (0 for 0 and NaN), as torch.sign.
 template <typename S>
 VAE_HD S sign_(S v) { return static_cast<S>((v > S(0)) - (v < S(0))); }
@@ -194,6 +198,317 @@ VAE_HD double location_scale_constant() {
 template <typename T>
 VAE_HD T inverse_scale(T s) {
   return exp_(T(0) - s) + (s - s);
+}
+
+// ---- count likelihoods: Poisson, negative binomial (NB) and zero-inflated NB ----
+// Per element: l = recon = log mu, x >= 0 a count (any real >= 0), t = log theta (theta the
+// inverse dispersion), z = zi_logits (pi = sigmoid(z)). The NLL of
+//   Poisson: mu - x l + lgamma(x + 1)
+//   NB:      -[lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) + theta log(theta / (theta + mu))
+//             + x log(mu / (theta + mu))]
+//   ZINB:    x = 0: -log(pi + (1 - pi) NB(0)),  x > 0: -log(1 - pi) - log NB(x).
+// Written as above, the NB cancels catastrophically: lgamma(x + theta) - lgamma(theta) ~ x log theta
+// against x log(mu / (theta + mu)) ~ x (l - t) loses every digit once theta >> x (scvi-tools issue
+// 2965), and lgamma(x + 1) against x l - mu loses them once x ~ mu is large (Poisson at x = mu =
+// 1e6 is 7.9 out of terms of 1.3e7). So the NLL is taken apart as in Loader's binomial algorithm
+// (Loader 2000, "Fast and accurate computation of binomial probabilities"; R's dnbinom_mu):
+// with J(y) = lgamma(y) - (y - 1/2) log y + y - log(2 pi) / 2 (Binet's function, Loader's
+// stirlerr; small and positive) and the deviance bd0(a, m) = a log(a / m) + m - a >= 0,
+//   lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+//     = J(n) - J(theta) - J(x) + theta log(n / theta) + x log(n / x) - log(2 pi x theta / n) / 2,
+// n = x + theta, and adding the last two terms of log NB leaves, for x > 0,
+//   NLL = log(2 pi) / 2 + J(x) + log(x) / 2 + J(theta) - J(n) + log1p(x / theta) / 2
+//         + bd0(x, M) + bd0(theta, n - M),   M = n sigmoid(a), a = l - t
+// (M and n - M are the means of x and theta in the binomial that NB(x) is a ratio of). Each
+// deviance is a non-negative -c log1pmx(w) with log1pmx(w) = log(1 + w) - w:
+//   bd0(x, M) = -x log1pmx(d / x),  bd0(theta, n - M) = -theta log1pmx(-d / theta),
+// d = M - x = theta sigmoid(a) - x sigmoid(-a), which is also d NLL / d l. The sigmoids and
+// softplus of a never overflow, so a mu whose exp overflows still gives the right (large) NLL. As
+// theta -> inf this is, term by term, Poisson's NLL = log(2 pi)/2 + J(x) + log(x)/2 + bd0(x, mu),
+// which the Poisson kernel uses. At x = 0 both are theta softplus(a) (mu for Poisson).
+// Gradients: d/dt = -theta [E + log1pmx(-d / theta)] with E = psit(n) - psit(theta), psit(y) =
+// digamma(y) - log y: the digamma difference of the textbook form minus log1p(x / theta), both of
+// which tend to x / theta and cancel; E comes from the difference of psit's asymptotic series term
+// by term (p^k - q^k = (p - q)(...), p - q = x p q: nothing cancels) for theta >= 8.
+// d/dx = digamma(x + 1) - l + softplus(a) - log1p(x / theta) - psit(n) (the Poisson limit:
+// digamma(x + 1) - l).
+// The kernels evaluate all of this in double for every input dtype: the shifted lgamma/digamma
+// forms below y = 8 subtract terms of ~40 to leave ~1 (fine in double, ~4e-6 in float), and the
+// result is rounded once to the gradient's dtype.
+
+// Small-argument threshold of the asymptotic series: at y >= 8 the series below, to y^-15 and
+// y^-14, are exact to < 1e-15 relative; smaller arguments are shifted up by 8 (recurrences).
+constexpr double kSeriesMin = 8.0;
+
+// sigmoid(+-a) and softplus(+-a) from e = exp(-|a|), which never overflows.
+template <typename T>
+struct Logistic {
+  T sig;      // sigmoid(a)
+  T sig_neg;  // sigmoid(-a) = 1 - sigmoid(a), without the cancellation
+  T sp;       // softplus(a) = log(1 + e^a)
+  T sp_neg;   // softplus(-a) = softplus(a) - a
+};
+
+template <typename T>
+VAE_HD Logistic<T> logistic(T a) {
+  const T one(1);
+  const T e = exp_(T(0) - abs_(a));
+  const T big = one / (one + e);
+  const T small = e * big;
+  const T tail = log1p_(e);
+  Logistic<T> g;
+  g.sig = select_nonneg(a, big, small);
+  g.sig_neg = select_nonneg(a, small, big);
+  g.sp = select_nonneg(a, a + tail, tail);
+  g.sp_neg = select_nonneg(a, tail, tail - a);
+  return g;
+}
+
+// log(1 + u) - u. `log1p_u` is log(1 + u) as the caller computes it from exact pieces; below
+// |u| = 1/4 the atanh series is used instead: with s = u / (2 + u), log(1 + u) = 2 atanh(s) and
+// u = 2 s / (1 - s), so log(1 + u) - u = -s u + 2 s^3 (1/3 + s^2/5 + s^4/7 + ...), where nothing
+// cancels (|s| < 1/7: the terms to s^19 leave < 1e-17 relative).
+template <typename T>
+VAE_HD T log1pmx_(T u, T log1p_u) {
+  const T s = u / (T(2) + u);
+  const T s2 = s * s;
+  const T tail = T(1.0 / 3) + s2 * (T(1.0 / 5) + s2 * (T(1.0 / 7) + s2 * (T(1.0 / 9) + s2 * (T(1.0 / 11) +
+                 s2 * (T(1.0 / 13) + s2 * (T(1.0 / 15) + s2 * (T(1.0 / 17) + s2 * T(1.0 / 19))))))));
+  const T series = T(2) * s * s2 * tail - s * u;
+  return select_nonneg(T(0.25) - abs_(u), series, log1p_u - u);  // NaN u: the NaN difference
+}
+
+// Binet's function J(y) = lgamma(y) - (y - 1/2) log y + y - log(2 pi) / 2 by Stirling's series,
+// y >= 8: 1/(12y) - 1/(360y^3) + ... (Bernoulli numbers B_2k / (2k (2k - 1) y^(2k-1))).
+template <typename T>
+VAE_HD T binet_series(T y) {
+  const T r = T(1) / y, r2 = r * r;
+  return r * (T(1.0 / 12) - r2 * (T(1.0 / 360) - r2 * (T(1.0 / 1260) - r2 * (T(1.0 / 1680) - r2 * (T(1.0 / 1188) -
+         r2 * (T(691.0 / 360360) - r2 * (T(1.0 / 156) - r2 * T(3617.0 / 122400))))))));
+}
+
+// J(y) for any y > 0: below 8 from J(y + 8) and lgamma(y) = lgamma(y + 8) - log(y (y+1) ... (y+7)).
+template <typename T>
+VAE_HD T binet(T y) {
+  if (!any_negative_(y - T(kSeriesMin))) return binet_series(y);
+  const T shift(kSeriesMin);
+  const T w = y + shift;
+  T q = y + T(1);  // (y+1) ... (y+7); y * q is the product
+  for (int i = 2; i < 8; ++i) q = q * (y + T(i));
+  const T correction = (y + T(7.5)) * log_(w) - (y + T(0.5)) * log_(y) - log_(q) - shift;
+  const T small = y - shift;  // < 0: shifted
+  return binet_series(select_nonneg(small, y, w)) + select_nonneg(small, T(0), correction);
+}
+
+// psit(y) = digamma(y) - log y by its asymptotic series, y >= 8:
+// -1/(2y) - 1/(12y^2) + 1/(120y^4) - ... (B_2k / (2k y^2k)).
+template <typename T>
+VAE_HD T digamma_minus_log_series(T y) {
+  const T r = T(1) / y, r2 = r * r;
+  return T(0) - T(0.5) * r - r2 * (T(1.0 / 12) - r2 * (T(1.0 / 120) - r2 * (T(1.0 / 252) - r2 * (T(1.0 / 240) -
+         r2 * (T(1.0 / 132) - r2 * (T(691.0 / 32760) - r2 * T(1.0 / 12)))))));
+}
+
+// psit(y) for any y > 0: below 8, digamma(y) = digamma(y + 8) - sum_{i<8} 1/(y + i), the sum as
+// P'/P of P = y (y+1) ... (y+7) (one division), and log(y + 8) - log(y) = log1p(8 / y).
+template <typename T>
+VAE_HD T digamma_minus_log(T y) {
+  if (!any_negative_(y - T(kSeriesMin))) return digamma_minus_log_series(y);
+  const T shift(kSeriesMin);
+  T product(1), derivative(0);
+  for (int i = 0; i < 8; ++i) {
+    derivative = derivative * (y + T(i)) + product;
+    product = product * (y + T(i));
+  }
+  const T correction = log1p_(shift / y) - derivative / product;
+  const T small = y - shift;
+  return digamma_minus_log_series(select_nonneg(small, y, y + shift)) + select_nonneg(small, T(0), correction);
+}
+
+// E = psit(theta + x) - psit(theta). For theta >= 8 from the series term by term with p = 1/theta,
+// q = 1/(theta + x): p^2k - q^2k = (p - q)(p + q) tau_{k-1}, tau_k = sum_j P^(k-j) Q^j (P = p^2,
+// Q = q^2), and p - q = x p q, so E = x p q [1/2 + (p + q)(tau_0/12 - tau_1/120 + tau_2/252 - ...)]
+// with no difference of nearly equal numbers (E ~ x / (2 theta^2) while psit ~ -1/(2 theta)).
+// Below 8 the two psit are small enough to subtract.
+template <typename T>
+VAE_HD T digamma_minus_log_difference(T theta, T x, T psit_theta) {
+  const T small = theta - T(kSeriesMin);
+  const T a = select_nonneg(small, theta, T(kSeriesMin));
+  const T p = T(1) / a, q = T(1) / (a + x);
+  const T P = p * p, Q = q * q;
+  const T tau1 = P + Q;
+  const T tau2 = P * tau1 + Q * Q;
+  const T tau3 = P * tau2 + Q * Q * Q;
+  const T Q4 = Q * Q * Q * Q;
+  const T tau4 = P * tau3 + Q4;
+  const T tau5 = P * tau4 + Q4 * Q;
+  const T tau6 = P * tau5 + Q4 * Q * Q;
+  const T bracket = T(0.5) + (p + q) * (T(1.0 / 12) - tau1 * T(1.0 / 120) + tau2 * T(1.0 / 252) - tau3 * T(1.0 / 240) +
+                                        tau4 * T(1.0 / 132) - tau5 * T(691.0 / 32760) + tau6 * T(1.0 / 12));
+  const T series = x * p * q * bracket;
+  if (!any_negative_(small)) return series;
+  const T direct = digamma_minus_log(theta + x) - psit_theta;
+  return select_nonneg(small, series, direct);
+}
+
+template <typename T>
+struct CountTerm {
+  T loss;
+  T d_recon;      // d NLL / d l
+  T d_log_theta;  // d NLL / d t (nb, zinb)
+  T d_zi;         // d NLL / d z (zinb)
+};
+
+// NaN for a target that is no count (negative, NaN or infinite), else 0: added to every output,
+// so that on CUDA, where the loss cannot refuse it without a host sync, such an x gives NaN.
+template <typename T>
+VAE_HD T count_domain_poison(T x) {
+  return (x - x) + select_nonneg(x, T(0), T(NAN));
+}
+
+// log(2 pi x)/2 + J(x) - x log1pmx(w): Poisson's and NB's NLL at x > 0 less the NB-only terms.
+template <typename T>
+VAE_HD T count_nll_core(T x, T w, T log1p_w) {
+  return T(kHalfLog2Pi) + binet(x) + T(0.5) * log_(x) - x * log1pmx_(w, log1p_w);
+}
+
+template <typename T>
+VAE_HD CountTerm<T> poisson_term(T l, T x) {
+  const T mu = exp_(l);
+  const T w = (mu - x) / x;  // x = 0 lanes: not selected below
+  CountTerm<T> c;
+  const T poison = count_domain_poison(x) + (l - l);  // and a NaN or infinite l: no finite gradient
+  c.loss = select_nonneg(T(0) - x, mu, count_nll_core(x, w, l - log_(x))) + poison;
+  c.d_recon = mu - x + poison;
+  c.d_log_theta = T(0);
+  c.d_zi = T(0);
+  return c;
+}
+
+// d NLL / d x of Poisson (theta = inf) and NB: digamma(x + 1) - l [+ softplus(a) - log1p(x / theta) - psit(x + theta)].
+template <typename T>
+VAE_HD T poisson_target_grad(T l, T x) {
+  const T y = x + T(1);
+  return log_(y) + digamma_minus_log(y) - l + count_domain_poison(x) + (l - l);
+}
+
+// What the NB needs of log_theta alone: hoisted out of the rows where log_theta is per feature.
+template <typename T>
+struct NbTheta {
+  T t;
+  T theta;  // exp(t)
+  T binet;  // J(theta)
+  T psit;   // digamma(theta) - log(theta)
+};
+
+template <typename T>
+VAE_HD NbTheta<T> nb_theta(T t) {
+  NbTheta<T> h;
+  h.t = t;
+  h.theta = exp_(t);
+  h.binet = binet(h.theta);
+  h.psit = digamma_minus_log(h.theta);
+  return h;
+}
+
+// The NB pieces shared by the loss and the target gradient.
+template <typename T>
+struct NbParts {
+  Logistic<T> g;  // of a = l - t
+  T log1p_xi;     // log1p(x / theta)
+};
+
+template <typename T>
+VAE_HD NbParts<T> nb_parts(T l, T x, T t, T theta) {
+  NbParts<T> parts;
+  parts.g = logistic(l - t);
+  parts.log1p_xi = log1p_(x / theta);
+  return parts;
+}
+
+template <typename T>
+VAE_HD CountTerm<T> nb_term(T l, T x, const NbTheta<T>& th, const NbParts<T>& parts) {
+  const T t = th.t, theta = th.theta;
+  const Logistic<T>& g = parts.g;
+  const T d = theta * g.sig - x * g.sig_neg;
+  const T u = T(0) - d / theta;
+  const T log1pmx_u = log1pmx_(u, parts.log1p_xi - g.sp);
+  const T n = x + theta;
+  const T w = d / x;  // x = 0 lanes: not selected below
+  const T positive = count_nll_core(x, w, log1p_(theta / x) - g.sp_neg) + th.binet - binet(n) +
+                     T(0.5) * parts.log1p_xi - theta * log1pmx_u;
+  const T poison = count_domain_poison(x) + (l - l) + (t - t);
+  CountTerm<T> c;
+  c.loss = select_nonneg(T(0) - x, theta * g.sp, positive) + poison;
+  c.d_recon = d + poison;
+  c.d_log_theta = T(0) - theta * (digamma_minus_log_difference(theta, x, th.psit) + log1pmx_u) + poison;
+  c.d_zi = T(0);
+  return c;
+}
+
+template <typename T>
+VAE_HD T nb_target_grad(T l, T x, T t, T theta, const NbParts<T>& parts) {
+  return poisson_target_grad(l, x) + parts.g.sp - parts.log1p_xi - digamma_minus_log(x + theta) + (t - t);
+}
+
+// ZINB's d/dx: the NB's for x > 0, 0 at x = 0 (NaN with any NaN input).
+template <typename T>
+VAE_HD T zinb_target_grad(T z, T x, T nb_grad) {
+  return select_nonneg(T(0) - x, T(0) * nb_grad, nb_grad) + (z - z);
+}
+
+// ZINB from the NB term at the same x. x > 0: NLL_nb + softplus(z). x = 0, with A = NLL_nb(0) =
+// theta softplus(a) and c = z + A:
+//   NLL = -log(pi + (1 - pi) e^-A) = -log1p(-w0), w0 = sigmoid(-z) (1 - e^-A), for w0 < 1/2;
+//       = softplus(z) - softplus(c) + A (= softplus(z) - logaddexp(z, -A)) otherwise (w0 near 1
+//         would lose 1 - w0), where these terms are O(1) and do not cancel;
+//   d/dA = sigmoid(-c), so d/dl and d/dt are the NB's times sigmoid(-c);
+//   d/dz = sigmoid(z) - sigmoid(c): for A < 1 as -sigmoid(z) sigmoid(-c) expm1(A) (the difference
+//   of two close sigmoids), for z >= 0 as sigmoid(-c) - sigmoid(-z) (two small ones), else direct.
+// d/dx is 0 at x = 0: the point mass does not move with x.
+template <typename T>
+VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
+  const Logistic<T> gz = logistic(z);
+  const T A = nb.loss;
+  const T c = z + A;
+  const Logistic<T> gc = logistic(c);
+  const T w0 = gz.sig_neg * (T(0) - expm1_(T(0) - A));
+  const T loss0 = select_nonneg(T(0.5) - w0, T(0) - log1p_(T(0) - w0), gz.sp - gc.sp + A);
+  const T dz_far = select_nonneg(z, gc.sig_neg - gz.sig_neg, gz.sig - gc.sig);
+  const T dz0 = select_nonneg(A - T(1), dz_far, T(0) - gz.sig * gc.sig_neg * expm1_(A));
+  const T zero = T(0) - x;  // >= 0: the x = 0 case
+  const T poison = z - z;
+  CountTerm<T> r;
+  r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;
+  r.d_recon = select_nonneg(zero, gc.sig_neg * nb.d_recon, nb.d_recon) + poison;
+  r.d_log_theta = select_nonneg(zero, gc.sig_neg * nb.d_log_theta, nb.d_log_theta) + poison;
+  r.d_zi = select_nonneg(zero, dz0, gz.sig) + poison + (A - A);
+  return r;
+}
+
+// The term of a count likelihood (th: nb/zinb; z: zinb; unused otherwise).
+template <Likelihood kLik, typename T>
+VAE_HD CountTerm<T> count_term(T l, T x, const NbTheta<T>& th, T z) {
+  static_assert(is_count(kLik), "count_term: poisson, nb or zinb");
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_term(l, x);
+  } else {
+    const CountTerm<T> nb = nb_term(l, x, th, nb_parts(l, x, th.t, th.theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_term(z, x, nb);
+    return nb;
+  }
+}
+
+// Its d NLL / d x, computed only where the target's gradient is wanted (two more digammas).
+template <Likelihood kLik, typename T>
+VAE_HD T count_target_grad(T l, T x, const NbTheta<T>& th, T z) {
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_target_grad(l, x);
+  } else {
+    const T nb = nb_target_grad(l, x, th.t, th.theta, nb_parts(l, x, th.t, th.theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_target_grad(z, x, nb);
+    return nb;
+  }
 }
 
 // ---- KL(N(mu, exp(logvar)) || N(0, 1)), one latent ----

@@ -241,7 +241,7 @@ def test_cuda_training_step():
         (((1, 8, 8), 4, ()), {}, "channels must name at least one"),
         (((1, 8, 8), 4, (8, 0)), {}, "channels entry must be a positive integer, got 0"),
         (((1, 8, 8), 0), {}, "latent_dim must be a positive integer, got 0"),
-        (((1, 8, 8),), {"likelihood": "poisson"}, "likelihood must be one of"),
+        (((1, 8, 8),), {"likelihood": "cauchy"}, "likelihood must be one of"),
         (((1, 8, 8),), {"learn_scale": "feature"}, "learn_scale='feature' needs a 'gaussian' or 'laplace' likelihood"),
     ],
 )

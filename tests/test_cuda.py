@@ -59,7 +59,7 @@ def test_gradcheck_float64_cuda(logits):
 @requires_cuda
 def test_opcheck_cuda():
     inputs = [t.requires_grad_() for t in sample_inputs(5, 12, 3, logits=True, device="cuda")]
-    torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, None, "bernoulli", True, 0.0, 0.5, "mean", [True] * 4 + [False]))
+    torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, None, None, "bernoulli", True, 0.0, 0.5, "mean", [True] * 4 + [False, False]))
     mu = torch.randn(6, 5, device="cuda", requires_grad=True)
     logvar = torch.full((6, 5), -float("inf"), device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.vae_fast.reparameterize.default, (mu, logvar, None))
@@ -112,12 +112,12 @@ def test_cuda_graph_capture_and_replay():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the graph
         vae_fast.reparameterize(mu, logvar)
-        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False])
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False, False])
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         z = vae_fast.reparameterize(mu, logvar)
-        loss, grad_recon, _, _, _, _ = torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False])
+        loss, grad_recon, _, _, _, _, _ = torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False, False])
     graph.replay()
     first = z.clone()
     graph.replay()
@@ -125,9 +125,9 @@ def test_cuda_graph_capture_and_replay():
     expected = reference.vae_loss(recon.double(), x.double(), mu.double(), logvar.double(), logits=True)
     assert relative_error(loss, expected) <= TOLERANCE[torch.float32]
     # The replayed kernels are the eager ones, deterministic: the same bits, gradients included.
-    eager = torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False])
+    eager = torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, None, "bernoulli", True, 0.0, 1.0, "sum", [True, False, True, True, False, False])
     assert torch.equal(loss, eager[0]) and torch.equal(grad_recon, eager[1])
-    _, _, _, grad_mu, grad_logvar, _ = (t for t in eager)
+    _, _, _, grad_mu, grad_logvar, _, _ = (t for t in eager)
     ref = [t.double().requires_grad_() for t in (recon, x, mu, logvar)]
     reference.vae_loss(*ref, logits=True).backward()
     assert relative_error(grad_recon, ref[0].grad) <= TOLERANCE[torch.float32]

@@ -335,7 +335,7 @@ def test_dequantized_training_draws_fresh_noise_in_each_levels_bin(tmp_path, mon
         ({"dequantize": True}, _grey, "--dequantize serves --likelihood gaussian or laplace"),
         ({"model": "conv", "likelihood": "gaussian"}, _real, r"--model conv needs image data, but data set real has samples of shape \(6,\)"),
         ({"model": "transformer"}, _toy, "--model must be one of mlp, conv"),
-        ({"likelihood": "poisson"}, _toy, "--likelihood must be one of bernoulli, gaussian, laplace"),
+        ({"likelihood": "cauchy"}, _toy, "--likelihood must be one of bernoulli, gaussian, laplace"),
         ({"likelihood": "gaussian", "learn_scale": "row"}, _toy, "--learn-scale must be one of none, shared, feature"),
         ({"channels": (8, 0)}, _toy, "--channels must be positive"),
     ],

@@ -99,7 +99,7 @@ def test_opcheck():
     for logits, reduction, mask in itertools.product([False, True], REDUCTIONS, [(True, False, True, True), (False,) * 4, (True,) * 4]):
         inputs = sample_inputs(5, 12, 3, logits=logits)
         inputs = [t.requires_grad_(m) for t, m in zip(inputs, mask)]
-        torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, None, "bernoulli", logits, 0.0, 0.5, reduction, [*mask, False]))
+        torch.library.opcheck(torch.ops.vae_fast.vae_loss.default, (*inputs, None, None, "bernoulli", logits, 0.0, 0.5, reduction, [*mask, False, False]))
 
 
 def test_x_may_have_another_shape_than_recon():
@@ -346,11 +346,11 @@ def test_bad_options():
 def test_op_checks_its_arguments_too():
     recon, x, mu, logvar = _good()
     with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'none'"):
-        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", False, 0.0, 1.0, "avg", [False] * 5)
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, None, "bernoulli", False, 0.0, 1.0, "avg", [False] * 6)
     with pytest.raises(TypeError, match="x has dtype"):
-        torch.ops.vae_fast.vae_loss(recon, x.double(), mu, logvar, None, "bernoulli", False, 0.0, 1.0, "sum", [False] * 5)
+        torch.ops.vae_fast.vae_loss(recon, x.double(), mu, logvar, None, None, "bernoulli", False, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(ValueError, match="beta must be a non-negative number"):
-        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 5)
+        torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, None, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 6)
 
 
 def test_mixed_dtypes_are_promoted():
@@ -493,7 +493,7 @@ def test_scale_by_grad_output_op_checks_its_arguments():
 
 
 def _grads_op_args(inputs, grad_output, keep_if_one, grads, reduction="sum"):
-    return (*inputs, None, "bernoulli", True, 0.0, 0.7, reduction, [True] * 4 + [False], grad_output, keep_if_one, grads)
+    return (*inputs, None, None, "bernoulli", True, 0.0, 0.7, reduction, [True] * 4 + [False, False], grad_output, keep_if_one, grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -508,7 +508,7 @@ def test_vae_loss_grads_op(device, dtype, reduction):
     loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for value, keep_if_one in itertools.product((1.0, -2.5, 1.001), (True, False)):
         factor = torch.tensor(value, device=device, dtype=loss_dtype)
-        sentinel = [torch.full(t.shape, 7.0, device=device, dtype=dtype) for t in inputs] + [torch.empty(0, device=device)]
+        sentinel = [torch.full(t.shape, 7.0, device=device, dtype=dtype) for t in inputs] + [torch.empty(0, device=device)] * 2
         torch.library.opcheck(op.default, _grads_op_args(inputs, factor, keep_if_one, [g.clone() for g in sentinel],
                                                          reduction))
         grads = [g.clone() for g in sentinel]
@@ -525,13 +525,13 @@ def test_vae_loss_grads_op(device, dtype, reduction):
 def test_vae_loss_grads_op_checks_its_arguments():
     op = torch.ops.vae_fast.vae_loss_grads_
     inputs = sample_inputs(3, 4, 2, logits=True)
-    grads = [torch.empty_like(t) for t in inputs] + [torch.empty(0)]
+    grads = [torch.empty_like(t) for t in inputs] + [torch.empty(0)] * 2
     with pytest.raises(ValueError, match="grad_output must have one element"):
         op(*_grads_op_args(inputs, torch.ones(2), False, grads))
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'none'"):
         op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads, reduction="none"))
-    with pytest.raises(ValueError, match=r"grads must hold 5 tensors"):
-        op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads[:4]))
+    with pytest.raises(ValueError, match=r"grads must hold 6 tensors"):
+        op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads[:5]))
     with pytest.raises(ValueError, match=r"grads\[2\] must be contiguous, of shape \[3, 2\]"):
         op(*_grads_op_args(inputs, torch.tensor(2.0), False, grads[:2] + [torch.empty(2, 3).t()] + grads[3:]))
 

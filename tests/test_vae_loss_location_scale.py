@@ -155,12 +155,12 @@ def test_opcheck(likelihood, device):
         recon, x, mu, logvar, log_scale = make_case(5, 12, 3, scale, device=device)
         tensors = [t.requires_grad_() for t in (recon, x, mu, logvar)]
         log_scale.requires_grad_(wants_scale_grad)
-        mask = [True] * 4 + [wants_scale_grad]
+        mask = [True] * 4 + [wants_scale_grad, False]
         torch.library.opcheck(torch.ops.vae_fast.vae_loss.default,
-                              (*tensors, log_scale, likelihood, False, 0.0, 0.5, reduction, mask))
+                              (*tensors, log_scale, None, likelihood, False, 0.0, 0.5, reduction, mask))
     recon, x, mu, logvar, _ = make_case(5, 12, 3, "none", device=device)
     torch.library.opcheck(torch.ops.vae_fast.vae_loss.default,
-                          (recon, x, mu, logvar, None, likelihood, False, -0.5, 1.0, "sum", [False] * 5))
+                          (recon, x, mu, logvar, None, None, likelihood, False, -0.5, 1.0, "sum", [False] * 6))
 
 
 @pytest.mark.parametrize("scale", ["float", "shared", "feature"])
@@ -345,18 +345,18 @@ def test_errors_name_the_argument_and_the_problem():
         vae_fast.vae_loss(recon, x, mu, logvar, likelihood="gaussian", log_scale=math.inf)
     # The op checks for itself when called directly.
     op = torch.ops.vae_fast.vae_loss
-    with pytest.raises(ValueError, match="likelihood must be 'bernoulli', 'gaussian' or 'laplace'"):
-        op(recon, x, mu, logvar, None, "poisson", False, 0.0, 1.0, "sum", [False] * 5)
+    with pytest.raises(ValueError, match="likelihood must be 'bernoulli', 'gaussian', 'laplace', 'poisson', 'nb' or 'zinb'"):
+        op(recon, x, mu, logvar, None, None, "gamma", False, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(ValueError, match="logits=True applies to the Bernoulli likelihood only"):
-        op(recon, x, mu, logvar, None, "laplace", True, 0.0, 1.0, "sum", [False] * 5)
+        op(recon, x, mu, logvar, None, None, "laplace", True, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(ValueError, match="Bernoulli likelihood has no scale"):
-        op(recon, x, mu, logvar, torch.zeros(()), "bernoulli", False, 0.0, 1.0, "sum", [False] * 5)
+        op(recon, x, mu, logvar, torch.zeros(()), None, "bernoulli", False, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(TypeError, match="log_scale has dtype"):
-        op(recon, x, mu, logvar, torch.zeros((), dtype=torch.float64), "gaussian", False, 0.0, 1.0, "sum", [False] * 5)
+        op(recon, x, mu, logvar, torch.zeros((), dtype=torch.float64), None, "gaussian", False, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(ValueError, match="log_scale has shape"):
-        op(recon, x, mu, logvar, torch.zeros(3), "gaussian", False, 0.0, 1.0, "sum", [False] * 5)
+        op(recon, x, mu, logvar, torch.zeros(3), None, "gaussian", False, 0.0, 1.0, "sum", [False] * 6)
     with pytest.raises(ValueError, match="grad_mask\\[4\\]"):
-        op(recon, x, mu, logvar, None, "gaussian", False, 0.0, 1.0, "sum", [False] * 4 + [True])
+        op(recon, x, mu, logvar, None, None, "gaussian", False, 0.0, 1.0, "sum", [False] * 4 + [True, False])
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -373,8 +373,8 @@ def test_log_scale_with_more_dimensions_than_recon_is_refused_at_the_call(reduct
         with pytest.raises(ValueError, match=expected):
             vae_fast.vae_loss(recon, x, mu, logvar, likelihood="gaussian", log_scale=log_scale, reduction=reduction)
         with pytest.raises(ValueError, match=expected):
-            torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, log_scale.detach(), "gaussian", False, 0.0, 1.0, reduction,
-                                        [False] * 5)
+            torch.ops.vae_fast.vae_loss(recon, x, mu, logvar, log_scale.detach(), None, "gaussian", False, 0.0, 1.0,
+                                        reduction, [False] * 6)
 
 
 def test_targets_may_be_any_real_number():
@@ -392,7 +392,7 @@ def test_cuda_graph_replay_gives_the_eager_bits(likelihood, scale):
     """The per-feature reduction allocates its group sums inside the op: captured, that memory comes
     from the graph's pool, and a replay must give the eager call's loss and gradients bit for bit."""
     recon, x, mu, logvar, log_scale = make_case(300, 784, 20, scale, device="cuda", seed=9)
-    args = (recon, x, mu, logvar, log_scale, likelihood, False, 0.0, 0.7, "mean", [True, True, True, True, True])
+    args = (recon, x, mu, logvar, log_scale, None, likelihood, False, 0.0, 0.7, "mean", [True, True, True, True, True, False])
     op = torch.ops.vae_fast.vae_loss
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -405,7 +405,7 @@ def test_cuda_graph_replay_gives_the_eager_bits(likelihood, scale):
     graph.replay()
     torch.cuda.synchronize()
     eager = op(*args)
-    for name, got, expected in zip(("loss", "recon", "x", "mu", "logvar", "log_scale"), captured, eager):
+    for name, got, expected in zip(("loss", "recon", "x", "mu", "logvar", "log_scale", "zi_logits"), captured, eager):
         assert torch.equal(got, expected), name
 
 

@@ -86,3 +86,54 @@ def eager_loss_laplace(location, x, mu, logvar, log_scale):
 def eager_reparameterize(mu, logvar):
     """Eager baseline of the reparameterization trick."""
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+# ---- count likelihoods: scvi-tools' formulas (scvi.distributions._negative_binomial) ----
+
+
+def log_nb_positive(x, mu, theta, eps=1e-8):
+    """scvi-tools' NB log-likelihood per element, from its published definition: theta (log(theta +
+    eps) - log(theta + mu + eps)) + x (log(mu + eps) - log(theta + mu + eps)) + lgamma(x + theta) -
+    lgamma(theta) - lgamma(x + 1). x, mu: [B, D]; theta: [D] or [B, D] (inverse dispersion, > 0).
+    Its lgamma difference cancels in float32 for large theta (scvi-tools issue 2965): at theta =
+    1e5 both lgammas are about 1e6, whose float32 spacing is 0.06."""
+    log_theta_mu_eps = torch.log(theta + mu + eps)
+    return (theta * (torch.log(theta + eps) - log_theta_mu_eps) + x * (torch.log(mu + eps) - log_theta_mu_eps)
+            + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
+
+
+def log_zinb_positive(x, mu, theta, pi, eps=1e-8):
+    """scvi-tools' ZINB log-likelihood per element, from its published definition; pi holds the
+    logits of the zero inflation. Both cases are computed for every element and multiplied by
+    float32 masks (x < eps, x > eps), as scvi-tools does:
+    zero: softplus(-pi + theta (log(theta + eps) - log(theta + mu + eps))) - softplus(-pi);
+    non-zero: -softplus(-pi) - pi + theta (log(theta + eps) - log(theta + mu + eps))
+              + x (log(mu + eps) - log(theta + mu + eps)) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)."""
+    if theta.ndimension() == 1:
+        theta = theta.view(1, theta.size(0))
+    softplus_pi = F.softplus(-pi)
+    log_theta_mu_eps = torch.log(theta + mu + eps)
+    pi_theta_log = -pi + theta * (torch.log(theta + eps) - log_theta_mu_eps)
+    case_zero = F.softplus(pi_theta_log) - softplus_pi
+    case_non_zero = (-softplus_pi + pi_theta_log + x * (torch.log(mu + eps) - log_theta_mu_eps)
+                     + torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1))
+    return (x < eps).type(torch.float32) * case_zero + (x > eps).type(torch.float32) * case_non_zero
+
+
+def log_poisson(x, log_mu):
+    """The plain torch Poisson log-likelihood per element: x log(mu) - mu - lgamma(x + 1)."""
+    return x * log_mu - torch.exp(log_mu) - torch.lgamma(x + 1)
+
+
+def count_loss(log_mu, x, mu, logvar, log_theta=None, zi_logits=None, likelihood="nb"):
+    """A count VAE's negative ELBO as a scVI user writes it (sum reduction, beta = 1): the decoder's
+    log mean and the learned log inverse dispersion exponentiated, scvi-tools' log-likelihood summed
+    over genes, plus the Gaussian KL. log_mu, x, zi_logits: [B, D]; log_theta: [D] (scVI's
+    dispersion="gene") or [B, D]. No data-dependent branches, so torch.compile(fullgraph=True) takes it."""
+    if likelihood == "poisson":
+        log_p = log_poisson(x, log_mu)
+    elif likelihood == "nb":
+        log_p = log_nb_positive(x, torch.exp(log_mu), torch.exp(log_theta))
+    else:
+        log_p = log_zinb_positive(x, torch.exp(log_mu), torch.exp(log_theta), zi_logits)
+    return -log_p.sum() + _kl(mu, logvar)

@@ -141,7 +141,8 @@ def model_from_config(config: dict) -> VAE | ConvVAE:
     """
     kind, likelihood = config["model"], {"likelihood": config["likelihood"], "learn_scale": config["learn_scale"]}
     if kind == "mlp":
-        return VAE(config["input_dim"], latent_dim=config["latent_dim"], hidden_dims=config["hidden_dims"], **likelihood)
+        counts = {key: config[key] for key in ("dispersion", "library_size") if key in config}  # count models only
+        return VAE(config["input_dim"], latent_dim=config["latent_dim"], hidden_dims=config["hidden_dims"], **likelihood, **counts)
     if kind == "conv":
         return ConvVAE(tuple(config["image_shape"]), config["latent_dim"], tuple(config["channels"]), **likelihood)
     raise ValueError(f"unknown model kind {kind!r} (expected 'mlp' or 'conv')")

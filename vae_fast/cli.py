@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _info(args) -> int:
@@ -110,6 +111,7 @@ def _report_user_errors(command: str, run) -> int:
 _RUN_SETTINGS = {
     "beta": ("--beta", 1.0), "kl_warmup": ("--kl-warmup", 0.0), "seed": ("--seed", 0), "dequantize": ("--dequantize", False),
     "model": ("--model", "mlp"), "likelihood": ("--likelihood", "bernoulli"), "learn_scale": ("--learn-scale", "none"),
+    "dispersion": ("--dispersion", None), "layer": ("--layer", None),
     "channels": ("--channels", (32, 64)), "latent_dim": ("--latent-dim", 20), "hidden_dims": ("--hidden-dims", (400,)),
     "batch_size": ("--batch-size", 128),  # which rows each step trains on
     # How the step is computed: each changes the arithmetic (fused kernels, bfloat16, a graph's
@@ -147,13 +149,42 @@ def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _train_dataset(args) -> str:
+    """--dataset, else what --data-file is: a count file (.h5ad, .npz; a .npy under a count
+    likelihood) is the "counts" set, another .npy the "npy" one; without either, digits."""
+    from .count_data import COUNT_FILE_SUFFIXES
+    from .model import COUNT_LIKELIHOODS
+
+    if args.dataset is not None:
+        return args.dataset
+    if args.data_file is None:
+        return "digits"
+    suffix = Path(args.data_file).suffix
+    if suffix in COUNT_FILE_SUFFIXES and (suffix != ".npy" or args.likelihood in COUNT_LIKELIHOODS):
+        return "counts"
+    return "npy"
+
+
+def _check_count_flags(args) -> None:
+    """--dispersion only with nb/zinb (VAE's own check names its argument, not the flag)."""
+    if args.dispersion is not None and args.likelihood not in ("nb", "zinb"):
+        raise ValueError(f"--dispersion {args.dispersion} needs --likelihood nb or zinb (got {args.likelihood}): "
+                         "the other likelihoods have no dispersion")
+
+
 def _train(args) -> int:
+    from .model import COUNT_LIKELIHOODS
     from .training import TrainConfig, train
 
     def run():
         _settle_run_settings(args)
+        _check_count_flags(args)
+        # plots.py draws images and per-feature scatter plots, not pictures of counts yet: off by
+        # default for count models (thousands of genes would be thousands of panels).
+        images = args.images if args.images is not None else args.likelihood not in COUNT_LIKELIHOODS
         config = TrainConfig(
-            dataset=args.dataset, data_dir=args.data_dir, data_file=args.data_file, dequantize=args.dequantize,
+            dataset=_train_dataset(args), data_dir=args.data_dir, data_file=args.data_file, layer=args.layer,
+            dequantize=args.dequantize, images=images, dispersion=args.dispersion,
             model=args.model, likelihood=args.likelihood, learn_scale=args.learn_scale, channels=tuple(args.channels),
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, latent_dim=args.latent_dim,
             hidden_dims=tuple(args.hidden_dims), beta=args.beta, kl_warmup=args.kl_warmup, device=_device(args),
@@ -172,7 +203,7 @@ def _eval(args) -> int:
 
     def run():
         result = evaluate_checkpoint(args.checkpoint, samples=args.samples, dataset=args.dataset, data_dir=args.data_dir,
-                                     data_file=args.data_file, device=_device(args))
+                                     data_file=args.data_file, layer=args.layer, device=_device(args))
         if args.json:
             print(json.dumps(result, indent=2))
         else:
@@ -184,10 +215,17 @@ def _eval(args) -> int:
 
 
 def _sample(args) -> int:
+    from .count_data import write_count_samples, writes_count_samples
     from .plots import write_samples
 
     def run():
-        path = write_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=_device(args))
+        if args.n < 1:  # before the checkpoint is read, as for every other model
+            raise ValueError(f"--n must be positive, got {args.n}")
+        if writes_count_samples(args.checkpoint, args.out, args.library_size):
+            path = write_count_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=_device(args),
+                                       library_size=args.library_size)
+        else:
+            path = write_samples(args.checkpoint, args.out, n=args.n, seed=args.seed, device=_device(args))
         print(f"wrote {path}")
 
     return _report_user_errors("sample", run)
@@ -197,7 +235,7 @@ def _add_workflow_commands(commands) -> None:
     """train, eval and sample: the VAE workflow around vae_fast.VAE and vae_fast.ConvVAE."""
     # The choices, without importing torch's heavier parts at parse time: data and model are light.
     from .data import DATASETS
-    from .model import LEARN_SCALES, LIKELIHOODS
+    from .model import DISPERSIONS, LEARN_SCALES, LIKELIHOODS
 
     train = commands.add_parser(
         "train", help="train a vae_fast.VAE or ConvVAE; metrics, checkpoints and images in --out",
@@ -206,15 +244,22 @@ def _add_workflow_commands(commands) -> None:
                     "breast-cancer, diabetes, real-valued npy rows) writes feature_reconstructions.png (held-out "
                     "reconstructions against truth per feature, with R^2), samples.png (a heatmap), latent.png and "
                     "loss_curves.png. Gaussian/Laplace means are clipped to [0, 1] in the image grids.")
-    train.add_argument("--dataset", choices=list(DATASETS), default="digits",
-                       help="digits: scikit-learn's bundled 8x8 digits (offline); mnist: IDX files in --data-dir "
+    train.add_argument("--dataset", choices=list(DATASETS), default=None,
+                       help="default: what --data-file is (counts for .h5ad/.npz, or .npy with a count --likelihood; "
+                            "else npy), digits without one. "
+                            "digits: scikit-learn's bundled 8x8 digits (offline); mnist: IDX files in --data-dir "
                             "(downloaded when missing), grey levels pixel/255, modelled as continuous values by "
                             "--likelihood gaussian|laplace; npy: the array in --data-file; wine, breast-cancer, "
                             "diabetes: scikit-learn's bundled tabular sets (offline), standardized with the training "
-                            "split's mean and std (continuous: use --likelihood gaussian or laplace)")
+                            "split's mean and std (continuous: use --likelihood gaussian or laplace); counts: the "
+                            "count matrix [cells, genes] in --data-file (.h5ad, .npy, .npz); digits-counts: the digits' "
+                            "raw pixel counts 0..16 (offline; --likelihood poisson, nb or zinb)")
     train.add_argument("--data-dir", help="folder of the MNIST IDX files, .gz or raw")
     train.add_argument("--data-file", help="a .npy array: images [N, H, W] or rows [N, D], uint8 or floats in [0, 1]; "
-                                           "rows of any finite real values are continuous tabular data")
+                                           "rows of any finite real values are continuous tabular data; or counts "
+                                           "[cells, genes] in a .h5ad (AnnData), .npy or .npz (dense or scipy sparse)")
+    train.add_argument("--layer", help="--dataset counts from a .h5ad: the AnnData layer holding the raw counts "
+                                       "(default: X); the checkpoint's on --resume")
     train.add_argument("--dequantize", action=argparse.BooleanOptionalAction, default=None,
                        help="uniform dequantization of grey levels (digits, mnist, uint8 npy): level k becomes "
                             "(k + u) / levels, u ~ U[0, 1), fresh for every training batch; the held-out set is "
@@ -226,7 +271,11 @@ def _add_workflow_commands(commands) -> None:
                             "the checkpoint's on --resume")
     train.add_argument("--likelihood", choices=list(LIKELIHOODS), default=None,
                        help="the decoder's p(x|z): bernoulli (default; data in [0, 1]), gaussian or laplace (any real "
-                            "data); the checkpoint's on --resume")
+                            "data), or for counts poisson, nb (negative binomial) or zinb (zero-inflated NB), scVI's "
+                            "model (docs/counts.md); the checkpoint's on --resume")
+    train.add_argument("--dispersion", choices=list(DISPERSIONS), default=None,
+                       help="nb/zinb: the inverse dispersion theta, one learned value per gene (gene, default) or a "
+                            "decoder head per cell and gene (gene-cell); the checkpoint's on --resume")
     train.add_argument("--learn-scale", choices=list(LEARN_SCALES), default=None,
                        help="gaussian/laplace scale: none (fixed 1, default), shared (one learned value) or feature "
                             "(one learned value per feature); logged per epoch as 'scale'; the checkpoint's on --resume")
@@ -258,6 +307,8 @@ def _add_workflow_commands(commands) -> None:
                        help="bfloat16 autocast of the forward (fast only where the CPU has bf16 instructions, "
                             "AVX512-BF16/AMX, or on a GPU; 6x slower on an AVX2 CPU); default off, or the checkpoint's "
                             "on --resume")
+    train.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
+                       help="write the PNG pictures at the end (default: on, off for count likelihoods)")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     train.set_defaults(run=_train)
 
@@ -268,6 +319,7 @@ def _add_workflow_commands(commands) -> None:
     evaluate.add_argument("--dataset", choices=list(DATASETS), help="default: the one the checkpoint was trained on")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--data-file")
+    evaluate.add_argument("--layer", help="with --data-file: the .h5ad layer holding the counts (default: X)")
     evaluate.add_argument("--device")
     evaluate.add_argument("--json", action="store_true", help="print the numbers as JSON")
     evaluate.set_defaults(run=_eval)
@@ -276,7 +328,10 @@ def _add_workflow_commands(commands) -> None:
                                                 "tabular data), or a .npy array")
     sample.add_argument("checkpoint")
     sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--out", default="samples.png", help="a .png picture, or a .npy file for the values (decoded means)")
+    sample.add_argument("--out", default="samples.png", help="a .png picture, or a .npy file for the values (decoded means); "
+                                                             "a count model draws counts, also to a .h5ad (AnnData)")
+    sample.add_argument("--library-size", type=float,
+                        help="count models: the total count of each drawn cell (default: the training data's median)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device")
     sample.set_defaults(run=_sample)

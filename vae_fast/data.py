@@ -15,6 +15,13 @@ Continuous real data (`Dataset.continuous`: any real value; Gaussian or Laplace 
   real-valued regression target, not a label, so none.
 - "npy" with a float array [N, D] holding any value outside [0, 1]: real-valued rows, tabular.
 
+Counts (cells x genes, values >= 0; the count likelihoods poisson, nb, zinb; `vae_fast.count_data`):
+- "counts": the matrix in `data_file`, a .h5ad (AnnData: X or the layer `layer`), .npy or .npz
+  (dense or scipy sparse); 20% of the cells held out. The training split stays sparse on the host
+  (`count_data.CountMatrix`) and is densified batch by batch; the held-out split is dense.
+- "digits-counts": scikit-learn's bundled 8x8 digits as raw pixel counts 0..16 (1,797 x 64; the
+  real count set that ships with a dependency and runs offline).
+
 Dequantization (`dequantize=True`, data quantized to `levels` grey levels only): a grey level k
 becomes (k + u) / levels with u ~ U[0, 1), a point of k's bin [k / levels, (k + 1) / levels), so
 that a continuous density is fitted to data that has one (on the raw levels a learned scale can
@@ -37,12 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataError", "Dataset", "load_dataset", "read_idx", "dequantize_levels", "DATASETS", "TABULAR_DATASETS", "MNIST_URL"]
+__all__ = ["DataError", "Dataset", "load_dataset", "read_idx", "dequantize_levels", "DATASETS", "TABULAR_DATASETS",
+           "COUNT_DATASETS", "MNIST_URL"]
 
 # scikit-learn's bundled tabular sets: name -> loader name in sklearn.datasets.
 _TABULAR_LOADERS = {"wine": "load_wine", "breast-cancer": "load_breast_cancer", "diabetes": "load_diabetes"}
 TABULAR_DATASETS = tuple(_TABULAR_LOADERS)
-DATASETS = ("digits", "mnist", "npy", *TABULAR_DATASETS)
+COUNT_DATASETS = ("counts", "digits-counts")
+DATASETS = ("digits", "mnist", "npy", *TABULAR_DATASETS, *COUNT_DATASETS)
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -60,7 +69,8 @@ class DataError(ValueError):
 class Dataset:
     """A train/held-out split.
 
-    x: float32 [N, D], in [0, 1] unless `continuous`; y: int64 [N] labels or None.
+    x: float32 [N, D], in [0, 1] unless `continuous` or counts; y: int64 [N] labels or None. A count
+        set's train_x is a `count_data.CountMatrix` (sparse on the host, dense batches).
     image_shape: (H, W) for grey images (a square D of an npy row array counts, as (1, D) for a
         strip); (D,) for tabular data, which is not an image (see `is_image`).
     continuous: the values are real measurements that may lie anywhere (standardized tabular
@@ -70,6 +80,8 @@ class Dataset:
     dequantized: test_x is dequantized (once, seeded) and train_x holds the grey levels, which
         training dequantizes batch by batch with `dequantize_levels`.
     feature_names: one name per feature, for plots of tabular data; None for images.
+    median_library_size: the median over training samples of their total (a cell's library size,
+        at which a count model generates); None where it is not positive.
     """
 
     name: str
@@ -82,6 +94,7 @@ class Dataset:
     levels: int | None = None
     dequantized: bool = False
     feature_names: tuple[str, ...] | None = None
+    median_library_size: float | None = None
 
     @property
     def input_dim(self) -> int:
@@ -273,23 +286,58 @@ def _load_npy(path: Path, seed: int) -> Dataset:
     return data
 
 
+def _count_split(name: str, counts, seed: int, feature_names=None, image_shape=None) -> Dataset:
+    """A count set (float32 CSR [N, D], checked) split as `_split` does, 20% held out: the training
+    cells stay sparse (CountMatrix), the held-out ones dense."""
+    from .count_data import CountMatrix
+
+    cells = counts.shape[0]
+    test_size = max(1, cells // 5)
+    if not 0 < test_size < cells:
+        raise DataError(f"{name}: {cells} cells are too few to hold out {test_size} for testing")
+    order = torch.randperm(cells, generator=torch.Generator().manual_seed(seed)).numpy()
+    train, test = counts[order[test_size:]], counts[order[:test_size]]
+    median = float(np.median(np.asarray(train.sum(1)).ravel()))
+    return Dataset(name, CountMatrix(train), None, torch.from_numpy(test.toarray()), None,
+                   image_shape or (counts.shape[1],), feature_names=feature_names, median_library_size=median)
+
+
+def _load_counts(path: Path, layer: str | None, seed: int) -> Dataset:
+    from .count_data import load_count_file
+
+    counts, genes = load_count_file(path, layer=layer)
+    return _count_split(f"counts:{path.name}", counts, seed, feature_names=genes)
+
+
+def _load_digit_counts(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    from .count_data import check_counts
+
+    counts = check_counts(load_digits().data, "scikit-learn's digits")
+    return _count_split("digits-counts", counts, seed, image_shape=(8, 8))
+
+
 def _square_or_flat(width: int) -> tuple[int, ...]:
     side = int(round(width**0.5))
     return (side, side) if side * side == width else (1, width)
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None, data_file: str | Path | None = None,
-                 seed: int = 0, download_url: str | None = MNIST_URL, dequantize: bool = False) -> Dataset:
+                 seed: int = 0, download_url: str | None = MNIST_URL, dequantize: bool = False,
+                 layer: str | None = None) -> Dataset:
     """Load a data set by name (the module docstring describes each).
 
     Args:
         name: "digits" (1,797 8x8 images bundled with scikit-learn; 20% held out), "mnist" (IDX files
             in `data_dir`; see `_load_mnist`), "npy" (the array in `data_file`; 20% held out), or a
-            tabular set, "wine", "breast-cancer" or "diabetes" (20% held out, standardized).
+            tabular set, "wine", "breast-cancer" or "diabetes" (20% held out, standardized), or a count
+            set, "counts" (the .h5ad / .npy / .npz in `data_file`) or "digits-counts".
         seed: fixes the held-out split where one is drawn, and the held-out dequantization noise.
         download_url: where missing MNIST files are fetched from; None never downloads.
         dequantize: dequantize the held-out split once (seeded) and mark the set `dequantized`, so
             that training dequantizes its batches; quantized data only (digits, mnist, uint8 npy).
+        layer: "counts" from a .h5ad: the AnnData layer holding the counts (default X).
     Raises:
         DataError with a one-line message for an unknown name, a missing argument, missing,
         unreadable or malformed files, and dequantize=True for data that is not quantized.
@@ -306,8 +354,19 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None, data_file: st
         if data_file is None:
             raise DataError("--dataset npy needs --data-file, a .npy array of shape [N, D] or [N, H, W]")
         data = _load_npy(Path(data_file), seed)
+    elif name == "counts":
+        if data_file is None:
+            raise DataError("--dataset counts needs --data-file, a .h5ad, .npy or .npz matrix of counts [cells, genes]")
+        data = _load_counts(Path(data_file), layer, seed)
+    elif name == "digits-counts":
+        data = _load_digit_counts(seed)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if data.median_library_size is None and isinstance(data.train_x, torch.Tensor):
+        median = float(data.train_x.sum(1).median())
+        data.median_library_size = median if median > 0 else None
+    if layer is not None and name != "counts":
+        raise DataError(f"--layer {layer!r} names a layer of a .h5ad count file (--dataset counts), not of {name}")
     if dequantize:
         if data.levels is None:
             raise DataError(f"--dequantize: data set {data.name} holds real values, not grey levels; dequantization "

@@ -1,11 +1,11 @@
 """Held-out metrics of a trained VAE or ConvVAE, for every likelihood (bernoulli, gaussian,
-laplace, with the model's learned scale): the negative ELBO (one posterior sample per input) and
+laplace, with the model's learned scale; poisson, nb, zinb for counts): the negative ELBO (one posterior sample per input) and
 the importance-weighted estimate of log p(x) of Burda et al. (2016),
 
     log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,   z_k ~ q(z|x),
 
 which tightens towards log p(x) as K grows. log p(x|z) is the full density in nats, constants
-included (`vae_fast.reference.reconstruction_loss` with the model's `loss_kwargs()`), so numbers
+included (`vae_fast.reference.reconstruction_loss` with the model's `decode_loss_inputs`), so numbers
 compare across likelihoods; for continuous data they are densities and may be positive. Both run
 in batches under no_grad; log-weights are reduced in float64 so large K stays stable.
 """
@@ -61,9 +61,9 @@ def negative_elbo(model: LikelihoodVAE, x: torch.Tensor, *, beta: float = 1.0, b
     recon_sum = kl_sum = 0.0
     for batch in x.split(batch_size):
         mu, logvar = model.encode(batch)
-        output = model.decode_output(reparameterize(mu, logvar, generator=generator))
+        output, kwargs = model.decode_loss_inputs(reparameterize(mu, logvar, generator=generator), batch)
         kl = reference.kl_divergence(mu, logvar).sum().item()
-        recon_sum += vae_loss(output, batch, mu, logvar, beta=0.0, **model.loss_kwargs()).item()
+        recon_sum += vae_loss(output, batch, mu, logvar, beta=0.0, **kwargs).item()
         kl_sum += kl
     n = len(x)
     return {"loss": (recon_sum + beta * kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
@@ -83,8 +83,9 @@ def log_importance_weights(model: LikelihoodVAE, x: torch.Tensor, samples: int, 
         k = min(chunk, samples - start)
         eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
         z = mu + std * eps
-        output = model.decode_output(z.reshape(-1, model.latent_dim))  # [k * B, ...]
-        nll = reference.reconstruction_loss(output, target.expand(k, -1, -1).reshape(k * batch, -1), **model.loss_kwargs())
+        targets = target.expand(k, -1, -1).reshape(k * batch, -1)
+        output, kwargs = model.decode_loss_inputs(z.reshape(-1, model.latent_dim), targets)  # [k * B, ...]
+        nll = reference.reconstruction_loss(output, targets, **kwargs)
         log_px_z = -nll.reshape(k, batch)
         log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
         # log q(z|x) with z = mu + std * eps: the Gaussian density in terms of eps, exactly.
@@ -110,12 +111,13 @@ def iwae_log_likelihood(model: LikelihoodVAE, x: torch.Tensor, *, samples: int =
 
 
 def evaluate_checkpoint(checkpoint_path, *, samples: int = 1000, dataset: str | None = None, data_dir=None,
-                        data_file=None, device: str = "cpu", batch_size: int = 100) -> dict:
+                        data_file=None, layer: str | None = None, device: str = "cpu", batch_size: int = 100) -> dict:
     """`vae-fast eval`: held-out negative ELBO and IWAE log-likelihood of a checkpoint's model (VAE
     or ConvVAE, any likelihood).
 
     The held-out set is the checkpoint's own (same data set and seed, dequantized as in training
-    when it was) unless `dataset` names another; another set is taken as it is.
+    when it was; a count file's layer too) unless `dataset` or `data_file` names another; another
+    set is taken as it is, from `layer` of a .h5ad.
     Raises CheckpointError for a bad checkpoint and DataError for data the model cannot take.
     """
     from .checkpoints import load_checkpoint, model_config, model_from_checkpoint
@@ -127,8 +129,10 @@ def evaluate_checkpoint(checkpoint_path, *, samples: int = 1000, dataset: str | 
     name = dataset or trained["dataset"]
     # The density of dequantized training data is compared only with dequantized held-out data.
     dequantize = name == trained["dataset"] and bool(trained.get("dequantize", False))
+    if layer is None and name == trained["dataset"] and data_file is None:
+        layer = trained.get("layer")  # the checkpoint's own count file, read as it was in training
     data = load_dataset(name, data_dir=data_dir or trained.get("data_dir"), data_file=data_file or trained.get("data_file"),
-                        seed=trained["seed"], dequantize=dequantize)
+                        seed=trained["seed"], dequantize=dequantize, layer=layer)
     if data.input_dim != model.input_dim:
         raise DataError(f"checkpoint {checkpoint_path} models input_dim={model.input_dim} features but data set {data.name} has {data.input_dim}")
     x = data.test_x.to(device)

@@ -67,6 +67,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
 
 _LOSS_ARGS = ("recon", "x", "mu", "logvar")
 LIKELIHOODS = reference.LIKELIHOODS
+_COUNT_LIKELIHOODS = ("poisson", "nb", "zinb")
 
 
 def _check_loss_args(recon, x, mu, logvar, beta, reduction) -> float:
@@ -114,15 +115,53 @@ def _check_log_scale(likelihood: str, logits, log_scale, recon: torch.Tensor):
     if logits:
         raise ValueError(f"vae_loss: logits=True applies to the Bernoulli likelihood only; with likelihood={likelihood!r} "
                          "recon is the mean (location) of the distribution, not a logit")
-    if log_scale is None or isinstance(log_scale, torch.Tensor):
-        if log_scale is not None:
-            _check_log_scale_tensor(log_scale, recon)
-        return log_scale
-    if isinstance(log_scale, bool) or not isinstance(log_scale, numbers.Real):
-        raise TypeError(f"vae_loss: log_scale must be None, a real number or a floating tensor, got {type(log_scale).__name__}")
-    if not -math.inf < log_scale < math.inf:  # also NaN; comparisons (not math.isfinite) trace under torch.compile
-        raise ValueError(f"vae_loss: log_scale must be finite, got {log_scale}")
-    return float(log_scale)
+    return _check_scale_value("log_scale", log_scale, recon)
+
+
+def _check_scale_value(name: str, value, recon: torch.Tensor):
+    """log_scale or log_theta: None, a finite float, or a tensor of one of log_scale_kind's layouts."""
+    if value is None or isinstance(value, torch.Tensor):
+        if value is not None:
+            _check_log_scale_tensor(value, recon, name)
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"vae_loss: {name} must be None, a real number or a floating tensor, got {type(value).__name__}")
+    if not -math.inf < value < math.inf:  # also NaN; comparisons (not math.isfinite) trace under torch.compile
+        raise ValueError(f"vae_loss: {name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_count_args(likelihood: str, logits, log_scale, log_theta, zi_logits, recon: torch.Tensor):
+    """The count likelihoods' arguments; returns log_theta as None (poisson), a float or a tensor."""
+    if logits:
+        raise ValueError(f"vae_loss: logits=True applies to the Bernoulli likelihood only; with likelihood={likelihood!r} "
+                         "recon is the log of the mean, not a logit")
+    if log_scale is not None:
+        raise ValueError(f"vae_loss: log_scale applies to the 'gaussian' and 'laplace' likelihoods; with likelihood="
+                         f"{likelihood!r} it must be None (the negative binomial's dispersion is log_theta)")
+    if likelihood == "poisson" and log_theta is not None:
+        raise ValueError("vae_loss: log_theta applies to the 'nb' and 'zinb' likelihoods; the Poisson likelihood has "
+                         "no dispersion, so log_theta must be None")
+    if likelihood != "poisson" and log_theta is None:
+        raise ValueError(f"vae_loss: the {likelihood!r} likelihood needs log_theta (the log inverse dispersion: a "
+                         "float, or a tensor of shape (), recon's per-sample shape or recon's shape), got None")
+    if likelihood != "zinb" and zi_logits is not None:
+        raise ValueError(f"vae_loss: zi_logits applies to the 'zinb' likelihood only; with likelihood={likelihood!r} "
+                         "it must be None")
+    if likelihood == "zinb":
+        _check_zi_logits(zi_logits, recon)
+    return _check_scale_value("log_theta", log_theta, recon)
+
+
+def _check_zi_logits(zi_logits, recon: torch.Tensor) -> None:
+    if zi_logits is None:
+        raise ValueError("vae_loss: the 'zinb' likelihood needs zi_logits (the logits of the zero-inflation "
+                         "probability, recon's shape), got None")
+    _require_float_tensor("vae_loss", "zi_logits", zi_logits)
+    if zi_logits.shape != recon.shape:
+        raise ValueError(f"vae_loss: zi_logits must have recon's shape {tuple(recon.shape)}, got {tuple(zi_logits.shape)}")
+    if zi_logits.device != recon.device:
+        raise ValueError(f"vae_loss: zi_logits is on {zi_logits.device} but recon is on {recon.device}")
 
 
 def log_scale_kind(log_scale: torch.Tensor, recon_shape) -> str | None:
@@ -148,17 +187,17 @@ def log_scale_kind(log_scale: torch.Tensor, recon_shape) -> str | None:
     return None
 
 
-def _check_log_scale_tensor(log_scale: torch.Tensor, recon: torch.Tensor) -> None:
+def _check_log_scale_tensor(log_scale: torch.Tensor, recon: torch.Tensor, name: str = "log_scale") -> None:
     if not log_scale.is_floating_point():
-        raise TypeError(f"vae_loss: log_scale must be a floating-point tensor, got dtype {log_scale.dtype}")
+        raise TypeError(f"vae_loss: {name} must be a floating-point tensor, got dtype {log_scale.dtype}")
     if log_scale.device != recon.device:
-        raise ValueError(f"vae_loss: log_scale is on {log_scale.device} but recon is on {recon.device}")
+        raise ValueError(f"vae_loss: {name} is on {log_scale.device} but recon is on {recon.device}")
     if log_scale.dim() > recon.dim():
-        raise ValueError(f"vae_loss: log_scale has shape {tuple(log_scale.shape)}, more dimensions than recon's "
+        raise ValueError(f"vae_loss: {name} has shape {tuple(log_scale.shape)}, more dimensions than recon's "
                          f"{tuple(recon.shape)}; drop its extra leading 1s")
     if log_scale_kind(log_scale, recon.shape) is None:
         raise ValueError(
-            f"vae_loss: log_scale has shape {tuple(log_scale.shape)}, which is none of: one shared value (shape ()), "
+            f"vae_loss: {name} has shape {tuple(log_scale.shape)}, which is none of: one shared value (shape ()), "
             f"one per feature (recon's per-sample shape {tuple(recon.shape[1:])}), or one per element "
             f"(recon's shape {tuple(recon.shape)})"
         )
@@ -173,6 +212,8 @@ def vae_loss(
     likelihood: str = "bernoulli",
     logits: bool = False,
     log_scale: torch.Tensor | float | None = None,
+    log_theta: torch.Tensor | float | None = None,
+    zi_logits: torch.Tensor | None = None,
     beta: float = 1.0,
     reduction: str = "sum",
 ) -> torch.Tensor:
@@ -184,7 +225,14 @@ def vae_loss(
     - bernoulli: -[x log p + (1 - x) log(1 - p)], p = recon (or sigmoid(recon) with `logits=True`);
     - gaussian:  0.5 * ((x - recon) / sigma)^2 + log(sigma) + 0.5 * log(2 pi), sigma = exp(log_scale);
     - laplace:   |x - recon| / b + log(b) + log(2), b = exp(log_scale). At x == recon its gradient
-      is taken as 0 (the subgradient torch.abs uses).
+      is taken as 0 (the subgradient torch.abs uses);
+    - poisson:   mu - x log mu + lgamma(x + 1), mu = exp(recon);
+    - nb:        -log NB(x; mean mu, inverse dispersion theta), theta = exp(log_theta):
+      -[lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) + theta log(theta / (theta + mu))
+        + x log(mu / (theta + mu))] (scVI's log_nb_positive), evaluated in a form that stays exact
+      as theta grows (where NB tends to Poisson) instead of cancelling;
+    - zinb:      zero-inflated NB with pi = sigmoid(zi_logits): -log(pi + (1 - pi) NB(0)) at x = 0,
+      -log(1 - pi) - log NB(x) at x > 0.
 
     Every constant is kept, so the loss is a true negative ELBO in nats that compares across
     likelihoods and with `vae_fast.evaluation.iwae_log_likelihood`. With a fixed sigma = 1 the
@@ -193,10 +241,12 @@ def vae_loss(
     to it as `F.mse_loss(reduction="sum") + KL`; learning sigma sets that balance from the data.
 
     Args:
-        recon: [B, ...] decoder output: probabilities in [0, 1] or logits (bernoulli), or the mean
-            / location (gaussian, laplace; any real number).
+        recon: [B, ...] decoder output: probabilities in [0, 1] or logits (bernoulli), the mean
+            / location (gaussian, laplace; any real number), or the log of the mean (poisson, nb,
+            zinb; e.g. a log-softmax plus the log library size).
         x: [B, ...] targets, any shape with recon's number of elements per sample (e.g. images
-            [B, 1, 28, 28] against recon [B, 784]); in [0, 1] for bernoulli, any real otherwise.
+            [B, 1, 28, 28] against recon [B, 784]); in [0, 1] for bernoulli, non-negative counts
+            for poisson/nb/zinb (floats; integers are not required), any real otherwise.
         mu, logvar: [B, L] posterior mean and log-variance.
         likelihood: "bernoulli" (default), "gaussian" or "laplace".
         logits: recon holds Bernoulli logits (the numerically safer choice: no log(0) clamping,
@@ -205,6 +255,12 @@ def vae_loss(
             float (fixed), or a tensor, which may require grad (a learned scale), of shape () or
             (1,) (one shared value), recon's per-sample shape (one per feature, shared over the
             batch), or recon's shape (one per element). Its gradient comes back in its own shape.
+        log_theta: log of the negative binomial's inverse dispersion theta, nb/zinb only and
+            required there: a float (fixed) or a tensor of log_scale's layouts (shape () shared,
+            recon's per-sample shape per gene as scVI's default, recon's shape per element as
+            scVI's "gene-cell"), which may require grad.
+        zi_logits: zinb only and required there: [B, ...] of recon's shape, the logits of the
+            zero-inflation probability; may require grad.
         beta: weight of the KL term, >= 0 (beta-VAE).
         reduction: "sum" over the batch (the PyTorch examples' convention), "mean" over the batch,
             or "none" for the [B] per-sample losses.
@@ -212,12 +268,22 @@ def vae_loss(
         The loss, float32 for float32/float16/bfloat16 inputs and float64 for float64 inputs.
     Raises:
         TypeError for non-tensors or non-floating dtypes; ValueError for mismatched shapes, batch
-        sizes or devices, an unknown likelihood or reduction, logits=True or a log_scale with a
-        likelihood that has no use for it, a log_scale of another shape, a negative beta, and (on
-        CPU) Bernoulli probabilities or targets outside [0, 1]. NaN or infinite inputs give a NaN
-        loss (and NaN gradients for gaussian/laplace); a logvar whose exp overflows gives +inf.
+        sizes or devices, an unknown likelihood or reduction, logits=True, a log_scale, log_theta or
+        zi_logits with a likelihood that has no use for it (or a missing log_theta / zi_logits),
+        a log_scale / log_theta / zi_logits of another shape, a negative beta, and (on CPU)
+        Bernoulli probabilities or targets outside [0, 1], or count targets that are negative,
+        NaN or infinite (on CUDA, where a check would stall the stream, those give a NaN loss).
+        NaN or infinite inputs give a NaN loss (and NaN gradients for gaussian/laplace and the
+        count likelihoods); a logvar whose exp overflows gives +inf, and so does a recon whose
+        exp overflows against a count x > 0.
     """
     beta = _check_loss_args(recon, x, mu, logvar, beta, reduction)
+    if likelihood in _COUNT_LIKELIHOODS:
+        return _count_loss(recon, x, mu, logvar, likelihood, log_scale, log_theta, zi_logits, logits, beta, reduction)
+    for name, value in (("log_theta", log_theta), ("zi_logits", zi_logits)):
+        if value is not None and likelihood in LIKELIHOODS:
+            raise ValueError(f"vae_loss: {name} applies to the count likelihoods ('nb', 'zinb') only; with "
+                             f"likelihood={likelihood!r} it must be None")
     log_scale = _check_log_scale(likelihood, logits, log_scale, recon)
     if isinstance(log_scale, torch.Tensor):
         recon, x, mu, logvar, log_scale = _common_dtype(recon, x, mu, logvar, log_scale)
@@ -230,11 +296,35 @@ def vae_loss(
     if torch.is_grad_enabled():
         grad_mask = [t.requires_grad for t in (recon, x, mu, logvar)]
         grad_mask.append(scale_tensor is not None and scale_tensor.requires_grad)
+        grad_mask.append(False)
     else:
-        grad_mask = [False] * 5
+        grad_mask = [False] * 6
     fixed_log_scale = log_scale if isinstance(log_scale, float) else 0.0
     return torch.ops.vae_fast.vae_loss(
-        recon, x, mu, logvar, scale_tensor, likelihood, bool(logits), fixed_log_scale, beta, reduction, grad_mask
+        recon, x, mu, logvar, scale_tensor, None, likelihood, bool(logits), fixed_log_scale, beta, reduction, grad_mask
+    )[0]
+
+
+def _count_loss(recon, x, mu, logvar, likelihood, log_scale, log_theta, zi_logits, logits, beta, reduction):
+    """vae_loss for poisson/nb/zinb: log_theta takes the op's log_scale slot."""
+    log_theta = _check_count_args(likelihood, logits, log_scale, log_theta, zi_logits, recon)
+    theta_tensor = log_theta if isinstance(log_theta, torch.Tensor) else None
+    optional = tuple(t for t in (theta_tensor, zi_logits) if t is not None)
+    recon, x, mu, logvar, *optional = _common_dtype(recon, x, mu, logvar, *optional)
+    if theta_tensor is not None:
+        theta_tensor = optional.pop(0)
+    if zi_logits is not None:
+        zi_logits = optional.pop(0)
+    if not _extension.serves(recon.device):
+        log_theta = theta_tensor if theta_tensor is not None else log_theta
+        return reference.vae_loss(recon, x, mu, logvar, likelihood=likelihood, log_theta=log_theta,
+                                  zi_logits=zi_logits, beta=beta, reduction=reduction)
+    grad_enabled = torch.is_grad_enabled()
+    grad_mask = [grad_enabled and t is not None and t.requires_grad
+                 for t in (recon, x, mu, logvar, theta_tensor, zi_logits)]
+    fixed_log_theta = log_theta if isinstance(log_theta, float) else 0.0
+    return torch.ops.vae_fast.vae_loss(
+        recon, x, mu, logvar, theta_tensor, zi_logits, likelihood, False, fixed_log_theta, beta, reduction, grad_mask
     )[0]
 
 

@@ -34,7 +34,8 @@ if _extension.extension_loaded():
     # ---- vae_loss ----
 
     @torch.library.register_fake("vae_fast::vae_loss")
-    def _vae_loss_fake(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction, grad_mask):
+    def _vae_loss_fake(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, log_scale_value, beta, reduction,
+                       grad_mask):
         torch._check(recon.dim() >= 1, lambda: "vae_loss: recon must have a batch dimension")
         loss_dtype = torch.float64 if recon.dtype == torch.float64 else torch.float32
         loss_shape = (recon.shape[0],) if reduction == "none" else ()
@@ -46,13 +47,14 @@ if _extension.extension_loaded():
             grad_log_scale = recon.new_empty(recon.shape, dtype=loss_dtype)
         else:
             grad_log_scale = log_scale.new_empty(log_scale.shape)
-        return (loss, *grads, grad_log_scale)
+        grad_zi_logits = zi_logits.new_empty(zi_logits.shape) if grad_mask[5] else recon.new_empty((0,))
+        return (loss, *grads, grad_log_scale, grad_zi_logits)
 
     @torch.library.register_fake("vae_fast::scale_by_grad_output_")
     def _scale_by_grad_output_fake(grads, grad_output):
         return None
 
     @torch.library.register_fake("vae_fast::vae_loss_grads_")
-    def _vae_loss_grads_fake(recon, x, mu, logvar, log_scale, likelihood, logits, log_scale_value, beta, reduction,
-                             grad_mask, grad_output, keep_if_one, grads):
+    def _vae_loss_grads_fake(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, log_scale_value, beta,
+                             reduction, grad_mask, grad_output, keep_if_one, grads):
         return None

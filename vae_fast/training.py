@@ -48,10 +48,11 @@ from tqdm.auto import tqdm
 
 from .checkpoints import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .checkpoints import model_config
+from .count_data import check_count_dataset
 from .data import Dataset, dequantize_levels, load_dataset
 from .evaluation import negative_elbo
 from .functional import vae_loss
-from .model import LEARN_SCALES, LIKELIHOODS, VAE
+from .model import COUNT_LIKELIHOODS, LEARN_SCALES, LIKELIHOODS, VAE
 from .train_step import TrainStep, autocast_context, make_optimizer
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TrainingInterrupted", "NegativeElbo", "train", "kl_weight", "build_model",
@@ -135,10 +136,12 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     data_file: str | None = None
+    layer: str | None = None  # the .h5ad layer holding the counts (--dataset counts)
     dequantize: bool = False
     model: str = "mlp"
     likelihood: str = "bernoulli"
     learn_scale: str = "none"
+    dispersion: str | None = None  # nb/zinb: "gene" (default) or "gene-cell"
     channels: tuple[int, ...] = (32, 64)
     epochs: int = 10
     batch_size: int = 128
@@ -198,6 +201,8 @@ class TrainConfig:
             if low < 0 or high > 1:
                 raise ValueError(f"--likelihood bernoulli needs data in [0, 1], but data set {data.name} holds values in "
                                  f"[{low:.3g}, {high:.3g}]; use --likelihood gaussian or laplace for real-valued data")
+        if self.likelihood in COUNT_LIKELIHOODS:
+            check_count_dataset(data, f"--likelihood {self.likelihood}")
         if self.model == "conv" and not data.is_image:
             raise ValueError(f"--model conv needs image data, but data set {data.name} has samples of shape "
                              f"{tuple(data.image_shape)} (tabular); use --model mlp")
@@ -222,15 +227,15 @@ class NegativeElbo(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, beta: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output, mu, logvar = self.model.forward_output(x)
+        output, mu, logvar, likelihood_kwargs = self.model.forward_loss_inputs(x)
         if isinstance(beta, torch.Tensor):
             # A KL weight read on the device when the step runs (replayed from a CUDA graph, or
             # compiled): the fused loss takes beta as a number fixed when it is called or captured,
             # so it gives the reconstruction term and the weighted KL is added here.
             kl = _kl_sum(mu, logvar)  # the metric's formula, differentiated here
-            recon = vae_loss(output, x, mu, logvar, beta=0.0, **self.model.loss_kwargs())
+            recon = vae_loss(output, x, mu, logvar, beta=0.0, **likelihood_kwargs)
             return recon + beta * kl, kl.detach()
-        loss = vae_loss(output, x, mu, logvar, beta=beta, **self.model.loss_kwargs())
+        loss = vae_loss(output, x, mu, logvar, beta=beta, **likelihood_kwargs)
         return loss, _kl_sum(mu.detach(), logvar.detach())
 
 
@@ -238,6 +243,8 @@ def build_model(config: TrainConfig, data: Dataset) -> VAE:
     """The model `config` names for this data: VAE over its features, or ConvVAE over its images
     (grey images (H, W) as one channel, (1, H, W))."""
     scale = {"likelihood": config.likelihood, "learn_scale": config.learn_scale}
+    if config.likelihood in COUNT_LIKELIHOODS and config.model == "mlp":  # ConvVAE rejects count likelihoods
+        scale.update(dispersion=config.dispersion, library_size=data.median_library_size)
     if config.model == "conv":
         from .conv_model import ConvVAE
 
@@ -254,8 +261,9 @@ def _input_shape(model: VAE) -> tuple[int, ...]:
 
 def decoder_scale(model: VAE) -> float | None:
     """The decoder's scale (sigma for gaussian, b for laplace) as one number: exp(log_scale), its
-    mean over features when there is one per feature, 1 for a fixed unit scale; None for bernoulli."""
-    if model.likelihood == "bernoulli":
+    mean over features when there is one per feature, 1 for a fixed unit scale; None for bernoulli
+    and the count likelihoods (whose spread is their dispersion, not a scale)."""
+    if model.likelihood not in ("gaussian", "laplace"):
         return None
     if model.log_scale is None:
         return 1.0
@@ -421,7 +429,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> list[dict]:
     rank, world, device = _distributed_setup(config.device)
     _check_process_count(config, world)
     data = dataset or load_dataset(config.dataset, data_dir=config.data_dir, data_file=config.data_file, seed=config.seed,
-                                   dequantize=config.dequantize)
+                                   dequantize=config.dequantize, layer=config.layer)
     config.check_data(data)
     if rank == 0:
         Path(config.out).mkdir(parents=True, exist_ok=True)

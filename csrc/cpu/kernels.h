@@ -28,7 +28,7 @@ struct LossProblem {
   int64_t latents;
   math::Likelihood likelihood;
   bool logits;                 // bernoulli: recon holds logits
-  // gaussian/laplace: log_scale is log_scale_value for every element when the pointer is null, else
+  // gaussian/laplace (log_theta for nb/zinb): log_scale is log_scale_value for every element when the pointer is null, else
   // a tensor of recon's dtype laid out as scale_layout says (1, features or batch * features values).
   math::ScaleLayout scale_layout;
   const void* log_scale;
@@ -38,6 +38,10 @@ struct LossProblem {
   // in the accumulation type (float for half inputs), for the backward to weigh by sample.
   void* grad_log_scale;
   bool grad_log_scale_per_element;
+  // zinb: logits of the zero-inflation probability, [batch, features] (null otherwise), and their
+  // gradient (null when not wanted).
+  const void* zi_logits;
+  void* grad_zi_logits;
   double beta;
   double grad_scale;      // 1, or 1/batch for reduction="mean"
   double* row_loss;       // [batch] out: reconstruction + beta * KL of each sample
@@ -47,6 +51,7 @@ struct LossProblem {
 struct LossDomainErrors {
   bool recon_outside_unit = false;
   bool target_outside_unit = false;
+  bool target_not_count = false;  // poisson/nb/zinb: some x negative, NaN or infinite
 };
 
 // One pass that draws eps for every element from Philox (seed, offset) and writes

@@ -334,6 +334,188 @@ HoistedScale<at::opmath_type<scalar_t>> hoist_scale(const LossProblem& p) {
   return h;
 }
 
+// ---- count likelihoods (poisson, nb, zinb) ----
+// Their math runs in double whatever the input dtype (csrc/vae_math.h says why): each stage of a
+// block is converted to double, and each gradient rounded once on the way out.
+using count_t = double;
+// Elements per stage of a count block: eight double buffers of it stay within 32 KiB.
+constexpr int64_t kCountStage = 512;
+
+template <typename scalar_t>
+void to_count(const scalar_t* src, count_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<count_t>(src[i]);
+}
+
+template <typename out_t>
+void from_count(const count_t* src, out_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<out_t>(src[i]);
+}
+
+// log_theta as the count kernels read it: one value (uniform), or per feature (its NbTheta pieces
+// hoisted out of the rows), or per element (t read with the data, its pieces computed there).
+struct CountTheta {
+  NbTheta<count_t> uniform = nb_theta(0.0);
+  std::vector<count_t> t, theta, binet, psit;  // per feature
+};
+
+template <typename scalar_t>
+CountTheta hoist_count_theta(const LossProblem& p) {
+  const auto* s = static_cast<const scalar_t*>(p.log_scale);
+  CountTheta h;
+  if (p.scale_layout == ScaleLayout::uniform) {
+    h.uniform = nb_theta(s ? static_cast<count_t>(s[0]) : p.log_scale_value);
+  } else if (p.scale_layout == ScaleLayout::per_feature) {
+    for (auto* v : {&h.t, &h.theta, &h.binet, &h.psit}) v->resize(p.features);
+    for (int64_t j = 0; j < p.features; ++j) {
+      const NbTheta<count_t> pieces = nb_theta(static_cast<count_t>(s[j]));
+      h.t[j] = pieces.t;
+      h.theta[j] = pieces.theta;
+      h.binet[j] = pieces.binet;
+      h.psit[j] = pieces.psit;
+    }
+  }
+  return h;
+}
+
+// Where a count span writes (each null when not wanted): d/dl, d/dx, d/dz and each element's d/dt,
+// all times the gradient scale; grad_t_total: sum d/dt (unscaled) into the accumulator instead.
+struct CountSpanOut {
+  count_t* grad_l = nullptr;
+  count_t* grad_x = nullptr;
+  count_t* grad_t = nullptr;
+  count_t* grad_z = nullptr;
+  bool grad_t_total = false;
+};
+
+struct CountAccumulator {
+  Vec<count_t> loss{0.0}, grad_t{0.0}, bad{0.0};
+  count_t tail_loss = 0.0, tail_grad_t = 0.0;
+  bool tail_bad = false;
+};
+
+// n elements of a count term. `t`: per_feature, the span's features' offset into th's hoisted
+// arrays (feature index); per_element, the elements' log_theta; uniform, unused. z: zinb only.
+template <Likelihood kLik, ScaleLayout kLayout>
+void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t feature, const count_t* z,
+                const CountTheta& th, int64_t n, const CountSpanOut& out, count_t scale, CountAccumulator& acc) {
+  using V = Vec<count_t>;
+  constexpr int64_t W = V::size();
+  const V vscale(scale), zero(0.0), inf(INFINITY);
+  V loss = acc.loss, grad_t = acc.grad_t, bad = acc.bad;  // registers, as in bce_span
+  const NbTheta<V> uniform{V(th.uniform.t), V(th.uniform.theta), V(th.uniform.binet), V(th.uniform.psit)};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V lv = V::loadu(l + i), xv = V::loadu(x + i);
+    NbTheta<V> tv = uniform;
+    if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(V::loadu(t + i));
+    if constexpr (kLayout == ScaleLayout::per_feature) {
+      const int64_t j = feature + i;
+      tv = {V::loadu(th.t.data() + j), V::loadu(th.theta.data() + j), V::loadu(th.binet.data() + j),
+            V::loadu(th.psit.data() + j)};
+    }
+    const V zv = kLik == Likelihood::zinb ? V::loadu(z + i) : zero;
+    const CountTerm<V> c = count_term<kLik>(lv, xv, tv, zv);
+    loss = loss + c.loss;
+    if (out.grad_l) (c.d_recon * vscale).store(out.grad_l + i);
+    if (out.grad_x) (count_target_grad<kLik>(lv, xv, tv, zv) * vscale).store(out.grad_x + i);
+    if (out.grad_t_total) grad_t = grad_t + c.d_log_theta;
+    if (out.grad_t) (c.d_log_theta * vscale).store(out.grad_t + i);
+    if (out.grad_z) (c.d_zi * vscale).store(out.grad_z + i);
+    bad = bad | (xv < zero) | (xv != xv) | (xv == inf);
+  }
+  acc.loss = loss;
+  acc.grad_t = grad_t;
+  acc.bad = bad;
+  for (; i < n; ++i) {
+    NbTheta<count_t> tv = th.uniform;
+    if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(t[i]);
+    if constexpr (kLayout == ScaleLayout::per_feature) {
+      const int64_t j = feature + i;
+      tv = {th.t[j], th.theta[j], th.binet[j], th.psit[j]};
+    }
+    const count_t zv = kLik == Likelihood::zinb ? z[i] : 0.0;
+    const CountTerm<count_t> c = count_term<kLik>(l[i], x[i], tv, zv);
+    acc.tail_loss += c.loss;
+    if (out.grad_l) out.grad_l[i] = c.d_recon * scale;
+    if (out.grad_x) out.grad_x[i] = count_target_grad<kLik>(l[i], x[i], tv, zv) * scale;
+    if (out.grad_t_total) acc.tail_grad_t += c.d_log_theta;
+    if (out.grad_t) out.grad_t[i] = c.d_log_theta * scale;
+    if (out.grad_z) out.grad_z[i] = c.d_zi * scale;
+    acc.tail_bad |= !(x[i] >= 0.0) || x[i] == INFINITY;
+  }
+}
+
+// A block of a count term, staged through double buffers; returns its loss, its d loss / d t total
+// in *grad_t_total (one shared log_theta whose gradient is wanted), adds its d/dt into the task's
+// per-feature sums, or writes them per element, as location_scale_block does for log_scale.
+template <Likelihood kLik, ScaleLayout kLayout, typename scalar_t>
+double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b,
+                   at::opmath_type<scalar_t>* grad_t_feature_sums, double* grad_t_total, bool& bad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto at = [&b](const void* base) { return base ? static_cast<const scalar_t*>(base) + b.offset : nullptr; };
+  const auto at_mut = [&b](void* base) { return base ? static_cast<scalar_t*>(base) + b.offset : nullptr; };
+  const scalar_t *l = at(p.recon), *x = at(p.target), *z = at(p.zi_logits);
+  const scalar_t* t = kLayout == ScaleLayout::per_element ? at(p.log_scale) : nullptr;
+  scalar_t *grad_l = at_mut(p.grad_recon), *grad_x = at_mut(p.grad_target), *grad_z = at_mut(p.grad_zi_logits);
+  const bool write_t = p.grad_log_scale && (p.grad_log_scale_per_element || kLayout == ScaleLayout::per_element);
+  acc_t* grad_t_acc = write_t && p.grad_log_scale_per_element ? static_cast<acc_t*>(p.grad_log_scale) + b.offset : nullptr;
+  scalar_t* grad_t_scalar = write_t && !p.grad_log_scale_per_element ? static_cast<scalar_t*>(p.grad_log_scale) + b.offset : nullptr;
+
+  count_t l_buf[kCountStage], x_buf[kCountStage], t_buf[kCountStage], z_buf[kCountStage];
+  count_t gl_buf[kCountStage], gx_buf[kCountStage], gt_buf[kCountStage], gz_buf[kCountStage];
+  CountAccumulator acc;
+  for (int64_t start = 0; start < b.n; start += kCountStage) {
+    const int64_t k = std::min(kCountStage, b.n - start);
+    to_count(l + start, l_buf, k);
+    to_count(x + start, x_buf, k);
+    if (t) to_count(t + start, t_buf, k);
+    if (z) to_count(z + start, z_buf, k);
+    CountSpanOut out;
+    out.grad_l = grad_l ? gl_buf : nullptr;
+    out.grad_x = grad_x ? gx_buf : nullptr;
+    out.grad_z = grad_z ? gz_buf : nullptr;
+    out.grad_t = write_t || grad_t_feature_sums ? gt_buf : nullptr;
+    out.grad_t_total = grad_t_total != nullptr;
+    count_span<kLik, kLayout>(l_buf, x_buf, t ? t_buf : nullptr, b.feature + start, z ? z_buf : nullptr, th, k, out,
+                              static_cast<count_t>(p.grad_scale), acc);
+    if (grad_l) from_count(gl_buf, grad_l + start, k);
+    if (grad_x) from_count(gx_buf, grad_x + start, k);
+    if (grad_z) from_count(gz_buf, grad_z + start, k);
+    if (grad_t_acc) from_count(gt_buf, grad_t_acc + start, k);
+    if (grad_t_scalar) from_count(gt_buf, grad_t_scalar + start, k);
+    if (grad_t_feature_sums) {
+      for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + j] += static_cast<acc_t>(gt_buf[j]);
+    }
+  }
+  if (grad_t_total) *grad_t_total = (sum_lanes(acc.grad_t) + acc.tail_grad_t) * p.grad_scale;
+  bad = acc.tail_bad || any_lane_set(acc.bad);
+  return sum_lanes(acc.loss) + acc.tail_loss;
+}
+
+// The count block for this call's likelihood and log_theta layout (Poisson has no log_theta).
+template <typename scalar_t>
+double count_block_for(const LossProblem& p, const CountTheta& th, const BlockRef& b,
+                       at::opmath_type<scalar_t>* feature_sums, double* grad_t_total, bool& bad) {
+#define VAE_FAST_COUNT_BLOCK(LIK)                                                                             \
+  switch (p.scale_layout) {                                                                                  \
+    case ScaleLayout::uniform:                                                                               \
+      return count_block<LIK, ScaleLayout::uniform, scalar_t>(p, th, b, feature_sums, grad_t_total, bad);    \
+    case ScaleLayout::per_feature:                                                                           \
+      return count_block<LIK, ScaleLayout::per_feature, scalar_t>(p, th, b, feature_sums, grad_t_total, bad); \
+    case ScaleLayout::per_element:                                                                           \
+      return count_block<LIK, ScaleLayout::per_element, scalar_t>(p, th, b, feature_sums, grad_t_total, bad); \
+  }
+  if (p.likelihood == Likelihood::poisson) {
+    return count_block<Likelihood::poisson, ScaleLayout::uniform, scalar_t>(p, th, b, feature_sums, grad_t_total, bad);
+  } else if (p.likelihood == Likelihood::nb) {
+    VAE_FAST_COUNT_BLOCK(Likelihood::nb)
+  } else {
+    VAE_FAST_COUNT_BLOCK(Likelihood::zinb)
+  }
+#undef VAE_FAST_COUNT_BLOCK
+  return 0.0;
+}
+
 // The reconstruction term of every (row, feature block), then each row's KL and total. Blocks have
 // a fixed length and sums a fixed order, so loss and gradients are the same bits on any thread
 // count. A per-feature scale's gradient sums over rows: rows go in fixed groups, each group's sums
@@ -347,6 +529,7 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
   auto* grad_lv = static_cast<scalar_t*>(p.grad_logvar);
   const int64_t D = p.features, L = p.latents;
   const bool bernoulli = p.likelihood == Likelihood::bernoulli;
+  const bool count = is_count(p.likelihood);
   const bool scale_total = !bernoulli && p.grad_log_scale && !p.grad_log_scale_per_element &&
                            p.scale_layout == ScaleLayout::uniform;
   const bool scale_feature_sums = !bernoulli && p.grad_log_scale && !p.grad_log_scale_per_element &&
@@ -362,11 +545,12 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
   std::vector<double> block_loss(p.batch * blocks_per_row);
   std::vector<double> block_grad_s(scale_total ? p.batch * blocks_per_row : 0);
   std::vector<acc_t> group_grad_s(scale_feature_sums ? groups * D : 0, acc_t(0));
-  std::atomic<bool> recon_bad{false}, target_bad{false};
+  std::atomic<bool> recon_bad{false}, target_bad{false}, target_not_count{false};
 
   HoistedScale<acc_t> hoisted;
   if (p.likelihood == Likelihood::gaussian) hoisted = hoist_scale<Likelihood::gaussian, scalar_t>(p);
   if (p.likelihood == Likelihood::laplace) hoisted = hoist_scale<Likelihood::laplace, scalar_t>(p);
+  const CountTheta count_theta = count ? hoist_count_theta<scalar_t>(p) : CountTheta();
 
   // The reconstruction term of one block, for the likelihood and layout of this call.
   auto block = [&](const BlockRef& b, acc_t* feature_sums, double* grad_s_total) -> double {
@@ -380,6 +564,12 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
                                    : bce_block<false>(r, x, b.n, grad_r, grad_x, p.grad_scale, e);
       if (e.recon_outside_unit) recon_bad.store(true, std::memory_order_relaxed);
       if (e.target_outside_unit) target_bad.store(true, std::memory_order_relaxed);
+      return loss;
+    }
+    if (count) {
+      bool bad = false;
+      const double loss = count_block_for<scalar_t>(p, count_theta, b, feature_sums, grad_s_total, bad);
+      if (bad) target_not_count.store(true, std::memory_order_relaxed);
       return loss;
     }
 #define VAE_FAST_LS_BLOCK(LIK)                                                                                   \
@@ -447,6 +637,7 @@ LossDomainErrors vae_loss_typed(const LossProblem& p) {
   LossDomainErrors errors;
   errors.recon_outside_unit = p.check_recon_range && recon_bad.load();
   errors.target_outside_unit = target_bad.load();
+  errors.target_not_count = target_not_count.load();
   return errors;
 }
 

@@ -15,7 +15,7 @@ namespace {
 
 // The fused pass over a prepared call: each row's loss into row_loss, every wanted gradient of the
 // reduced loss times grad_scale into the call's gradient tensors.
-void run_loss_kernel(const LossCall& call, const std::array<bool, 5>& grad_mask, bool logits, double log_scale_value,
+void run_loss_kernel(const LossCall& call, const std::array<bool, 6>& grad_mask, bool logits, double log_scale_value,
                      double beta, double grad_scale, std::vector<double>& row_loss) {
   const LossShape& shape = call.shape;
   row_loss.resize(shape.batch);
@@ -39,28 +39,34 @@ void run_loss_kernel(const LossCall& call, const std::array<bool, 5>& grad_mask,
   p.log_scale_value = log_scale_value;
   p.grad_log_scale = call.grad_ptr(call.grad_log_scale, grad_mask[4]);
   p.grad_log_scale_per_element = call.grad_log_scale_per_element;
+  p.zi_logits = call.zi_logits.defined() ? call.zi_logits.const_data_ptr() : nullptr;
+  p.grad_zi_logits = call.grad_ptr(call.grad_zi_logits, grad_mask[5]);
   p.beta = beta;
   p.grad_scale = grad_scale;
   p.row_loss = row_loss.data();
   p.check_recon_range = call.likelihood == math::Likelihood::bernoulli && !logits;
 
   const LossDomainErrors errors = cpu_isa() == Isa::avx2 ? avx2::vae_loss(p) : generic::vae_loss(p);
-  // Only the Bernoulli blocks flag these (the other likelihoods take any real x and recon).
+  // Only the Bernoulli blocks flag the first two, only the count blocks the third (the location-scale
+  // likelihoods take any real x and recon).
   TORCH_CHECK_VALUE(!errors.recon_outside_unit,
                     "vae_loss: recon must hold probabilities in [0, 1] when logits=False, but some value is "
                     "outside; pass logits=True if recon holds logits");
   TORCH_CHECK_VALUE(!errors.target_outside_unit,
                     "vae_loss: x (the target) must lie in [0, 1] for a Bernoulli likelihood, but some value is outside");
+  TORCH_CHECK_VALUE(!errors.target_not_count, "vae_loss: x (the target) must hold counts (finite and >= 0) for the '",
+                    likelihood_name(call.likelihood), "' likelihood, but some value is negative, NaN or infinite");
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
     const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-    const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits, double log_scale_value,
-    double beta, c10::string_view reduction, std::array<bool, 5> grad_mask) {
+    const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+    c10::string_view likelihood, bool logits, double log_scale_value, double beta, c10::string_view reduction,
+    std::array<bool, 6> grad_mask) {
   const LossCall call =
-      prepare_loss_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction, grad_mask);
+      prepare_loss_call(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta, reduction, grad_mask);
   std::vector<double> row_loss;
   run_loss_kernel(call, grad_mask, logits, log_scale_value, beta, call.grad_scale, row_loss);
 
@@ -78,21 +84,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (red == Reduction::mean) total /= static_cast<double>(call.shape.batch);  // empty batch: NaN, as torch.mean
     loss = at::scalar_tensor(total, recon.options().dtype(out_dtype));
   }
-  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale};
+  return {loss, call.grad_recon, call.grad_x, call.grad_mu, call.grad_logvar, call.grad_log_scale, call.grad_zi_logits};
 }
 
 // The same pass again with grad_scale times grad_output, into the given gradients (the loss is not
 // kept). grad_output is read on the host, which on the CPU costs one scalar read: with keep_if_one
 // and grad_output 1 (the usual `loss.backward()`) nothing else runs.
 void vae_loss_grads_cpu(const at::Tensor& recon, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
-                        const std::optional<at::Tensor>& log_scale, c10::string_view likelihood, bool logits,
-                        double log_scale_value, double beta, c10::string_view reduction, std::array<bool, 5> grad_mask,
-                        const at::Tensor& grad_output, bool keep_if_one, at::TensorList grads) {
+                        const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& zi_logits,
+                        c10::string_view likelihood, bool logits, double log_scale_value, double beta,
+                        c10::string_view reduction, std::array<bool, 6> grad_mask, const at::Tensor& grad_output,
+                        bool keep_if_one, at::TensorList grads) {
   check_grad_output(grad_output, recon);
   const double factor = grad_output.item<double>();
   if (keep_if_one && factor == 1.0) return;
-  const LossCall call = prepare_loss_grads_call(recon, x, mu, logvar, log_scale, likelihood, logits, beta, reduction,
-                                                grad_mask, grads);
+  const LossCall call = prepare_loss_grads_call(recon, x, mu, logvar, log_scale, zi_logits, likelihood, logits, beta,
+                                                reduction, grad_mask, grads);
   std::vector<double> row_loss;
   run_loss_kernel(call, grad_mask, logits, log_scale_value, beta, call.grad_scale * factor, row_loss);
 }
