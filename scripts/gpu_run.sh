@@ -104,6 +104,11 @@ timeout 120 ncu --clock-control none -k 'regex:vae_loss_partials|reparameterize'
   grep -E "^  void|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per"
 ended ncu $?
 
+stage "host time per call (B = 128 and 65536), AccumulateGrad copies, profiler summary"
+# Into run.log: the tool brings back 8 files, which the stages above already fill.
+timeout 60 python3 benchmarks/cuda_host_time.py
+ended host-time $?
+
 stage "the rest of the suite (-m 'not cuda'), as time allows"
 left=$((560 - (SECONDS - started)))
 if [ $left -gt 30 ]; then
