@@ -111,6 +111,7 @@ def _breakdown(torch, samples: int) -> dict[str, float]:
     """Where a fused loss call's host time goes (bernoulli logits), each piece timed alone."""
     import vae_fast
     from torch.autograd.variable import Variable
+    from vae_fast import functional
 
     recon, x, mu, logvar, _, leaves = _inputs(torch, "bernoulli logits")
     tiny = [t[:1, :1].detach().clone().requires_grad_(t.requires_grad) for t in (recon, x, mu, logvar)]
@@ -128,6 +129,11 @@ def _breakdown(torch, samples: int) -> dict[str, float]:
             pieces[f"{label}: op forward under no_grad (torch.ops, C++ checks, kernel)"] = _per_call_us(op_forward, samples)
             pieces[f"{label}: vae_fast.vae_loss forward under no_grad"] = _per_call_us(
                 lambda args=args: vae_fast.vae_loss(*args, logits=True), samples)
+            checked_path = functional._vae_loss_unchecked
+            functional._vae_loss_unchecked = lambda *args: None
+            pieces[f"{label}: vae_fast.vae_loss forward under no_grad, through its Python checks"] = _per_call_us(
+                lambda args=args: vae_fast.vae_loss(*args, logits=True), samples)
+            functional._vae_loss_unchecked = checked_path
         pieces[f"{label}: vae_fast.vae_loss forward, autograd node made"] = _per_call_us(
             lambda args=args: vae_fast.vae_loss(*args, logits=True), samples)
 
