@@ -60,6 +60,10 @@ template <typename S>
 VAE_HD S clamp_below(S v, S lo) { return v < lo ? lo : v; }
 template <typename S>
 VAE_HD S select_nonneg(S cond, S if_nonneg, S if_neg) { return cond >= S(0) ? if_nonneg : if_neg; }
+// Whether v (any lane of a vector) is negative: lets a branch-free formula skip a part that no lane
+// selects (NaN counts as not negative).
+template <typename S>
+VAE_HD bool any_negative_(S v) { return v < S(0); }
 // -1, 0 or +1 (0 for 0 and NaN), as torch.sign.
 template <typename S>
 VAE_HD S sign_(S v) { return static_cast<S>((v > S(0)) - (v < S(0))); }
@@ -286,6 +290,7 @@ VAE_HD T binet_series(T y) {
 // J(y) for any y > 0: below 8 from J(y + 8) and lgamma(y) = lgamma(y + 8) - log(y (y+1) ... (y+7)).
 template <typename T>
 VAE_HD T binet(T y) {
+  if (!any_negative_(y - T(kSeriesMin))) return binet_series(y);
   const T shift(kSeriesMin);
   const T w = y + shift;
   T q = y + T(1);  // (y+1) ... (y+7); y * q is the product
@@ -308,6 +313,7 @@ VAE_HD T digamma_minus_log_series(T y) {
 // P'/P of P = y (y+1) ... (y+7) (one division), and log(y + 8) - log(y) = log1p(8 / y).
 template <typename T>
 VAE_HD T digamma_minus_log(T y) {
+  if (!any_negative_(y - T(kSeriesMin))) return digamma_minus_log_series(y);
   const T shift(kSeriesMin);
   T product(1), derivative(0);
   for (int i = 0; i < 8; ++i) {
@@ -325,7 +331,7 @@ VAE_HD T digamma_minus_log(T y) {
 // with no difference of nearly equal numbers (E ~ x / (2 theta^2) while psit ~ -1/(2 theta)).
 // Below 8 the two psit are small enough to subtract.
 template <typename T>
-VAE_HD T digamma_minus_log_difference(T theta, T x) {
+VAE_HD T digamma_minus_log_difference(T theta, T x, T psit_theta) {
   const T small = theta - T(kSeriesMin);
   const T a = select_nonneg(small, theta, T(kSeriesMin));
   const T p = T(1) / a, q = T(1) / (a + x);
@@ -340,7 +346,8 @@ VAE_HD T digamma_minus_log_difference(T theta, T x) {
   const T bracket = T(0.5) + (p + q) * (T(1.0 / 12) - tau1 * T(1.0 / 120) + tau2 * T(1.0 / 252) - tau3 * T(1.0 / 240) +
                                         tau4 * T(1.0 / 132) - tau5 * T(691.0 / 32760) + tau6 * T(1.0 / 12));
   const T series = x * p * q * bracket;
-  const T direct = digamma_minus_log(theta + x) - digamma_minus_log(theta);
+  if (!any_negative_(small)) return series;
+  const T direct = digamma_minus_log(theta + x) - psit_theta;
   return select_nonneg(small, series, direct);
 }
 
@@ -385,6 +392,25 @@ VAE_HD T poisson_target_grad(T l, T x) {
   return log_(y) + digamma_minus_log(y) - l + count_domain_poison(x) + (l - l);
 }
 
+// What the NB needs of log_theta alone: hoisted out of the rows where log_theta is per feature.
+template <typename T>
+struct NbTheta {
+  T t;
+  T theta;  // exp(t)
+  T binet;  // J(theta)
+  T psit;   // digamma(theta) - log(theta)
+};
+
+template <typename T>
+VAE_HD NbTheta<T> nb_theta(T t) {
+  NbTheta<T> h;
+  h.t = t;
+  h.theta = exp_(t);
+  h.binet = binet(h.theta);
+  h.psit = digamma_minus_log(h.theta);
+  return h;
+}
+
 // The NB pieces shared by the loss and the target gradient.
 template <typename T>
 struct NbParts {
@@ -401,20 +427,21 @@ VAE_HD NbParts<T> nb_parts(T l, T x, T t, T theta) {
 }
 
 template <typename T>
-VAE_HD CountTerm<T> nb_term(T l, T x, T t, T theta, const NbParts<T>& parts) {
+VAE_HD CountTerm<T> nb_term(T l, T x, const NbTheta<T>& th, const NbParts<T>& parts) {
+  const T t = th.t, theta = th.theta;
   const Logistic<T>& g = parts.g;
   const T d = theta * g.sig - x * g.sig_neg;
   const T u = T(0) - d / theta;
   const T log1pmx_u = log1pmx_(u, parts.log1p_xi - g.sp);
   const T n = x + theta;
   const T w = d / x;  // x = 0 lanes: not selected below
-  const T positive = count_nll_core(x, w, log1p_(theta / x) - g.sp_neg) + binet(theta) - binet(n) +
+  const T positive = count_nll_core(x, w, log1p_(theta / x) - g.sp_neg) + th.binet - binet(n) +
                      T(0.5) * parts.log1p_xi - theta * log1pmx_u;
   const T poison = count_domain_poison(x) + (l - l) + (t - t);
   CountTerm<T> c;
   c.loss = select_nonneg(T(0) - x, theta * g.sp, positive) + poison;
   c.d_recon = d + poison;
-  c.d_log_theta = T(0) - theta * (digamma_minus_log_difference(theta, x) + log1pmx_u) + poison;
+  c.d_log_theta = T(0) - theta * (digamma_minus_log_difference(theta, x, th.psit) + log1pmx_u) + poison;
   c.d_zi = T(0);
   return c;
 }
@@ -455,8 +482,33 @@ VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;
   r.d_recon = select_nonneg(zero, gc.sig_neg * nb.d_recon, nb.d_recon) + poison;
   r.d_log_theta = select_nonneg(zero, gc.sig_neg * nb.d_log_theta, nb.d_log_theta) + poison;
-  r.d_zi = select_nonneg(zero, dz0, gz.sig) + (A - A);
+  r.d_zi = select_nonneg(zero, dz0, gz.sig) + poison + (A - A);
   return r;
+}
+
+// The term of a count likelihood (th: nb/zinb; z: zinb; unused otherwise).
+template <Likelihood kLik, typename T>
+VAE_HD CountTerm<T> count_term(T l, T x, const NbTheta<T>& th, T z) {
+  static_assert(is_count(kLik), "count_term: poisson, nb or zinb");
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_term(l, x);
+  } else {
+    const CountTerm<T> nb = nb_term(l, x, th, nb_parts(l, x, th.t, th.theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_term(z, x, nb);
+    return nb;
+  }
+}
+
+// Its d NLL / d x, computed only where the target's gradient is wanted (two more digammas).
+template <Likelihood kLik, typename T>
+VAE_HD T count_target_grad(T l, T x, const NbTheta<T>& th, T z) {
+  if constexpr (kLik == Likelihood::poisson) {
+    return poisson_target_grad(l, x);
+  } else {
+    const T nb = nb_target_grad(l, x, th.t, th.theta, nb_parts(l, x, th.t, th.theta));
+    if constexpr (kLik == Likelihood::zinb) return zinb_target_grad(z, x, nb);
+    return nb;
+  }
 }
 
 // ---- KL(N(mu, exp(logvar)) || N(0, 1)), one latent ----

@@ -351,34 +351,11 @@ void from_count(const count_t* src, out_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<out_t>(src[i]);
 }
 
-template <Likelihood kLik, typename T>
-CountTerm<T> count_term(T l, T x, T t, T theta, T z) {
-  if constexpr (kLik == Likelihood::poisson) {
-    return poisson_term(l, x);
-  } else {
-    const CountTerm<T> nb = nb_term(l, x, t, theta, nb_parts(l, x, t, theta));
-    if constexpr (kLik == Likelihood::zinb) return zinb_term(z, x, nb);
-    return nb;
-  }
-}
-
-template <Likelihood kLik, typename T>
-T count_target_grad(T l, T x, T t, T theta, T z) {
-  if constexpr (kLik == Likelihood::poisson) {
-    return poisson_target_grad(l, x);
-  } else {
-    const T nb = nb_target_grad(l, x, t, theta, nb_parts(l, x, t, theta));
-    if constexpr (kLik == Likelihood::zinb) return zinb_target_grad(z, x, nb);
-    return nb;
-  }
-}
-
-// log_theta as the count kernels read it: one value (t_uniform), or per feature (t and theta =
-// exp(t) hoisted out of the rows), or per element (t read with the data, theta computed there).
+// log_theta as the count kernels read it: one value (uniform), or per feature (its NbTheta pieces
+// hoisted out of the rows), or per element (t read with the data, its pieces computed there).
 struct CountTheta {
-  count_t t_uniform = 0.0;
-  count_t theta_uniform = 1.0;
-  std::vector<count_t> t_feature, theta_feature;
+  NbTheta<count_t> uniform = nb_theta(0.0);
+  std::vector<count_t> t, theta, binet, psit;  // per feature
 };
 
 template <typename scalar_t>
@@ -386,14 +363,15 @@ CountTheta hoist_count_theta(const LossProblem& p) {
   const auto* s = static_cast<const scalar_t*>(p.log_scale);
   CountTheta h;
   if (p.scale_layout == ScaleLayout::uniform) {
-    h.t_uniform = s ? static_cast<count_t>(s[0]) : p.log_scale_value;
-    h.theta_uniform = std::exp(h.t_uniform);
+    h.uniform = nb_theta(s ? static_cast<count_t>(s[0]) : p.log_scale_value);
   } else if (p.scale_layout == ScaleLayout::per_feature) {
-    h.t_feature.resize(p.features);
-    h.theta_feature.resize(p.features);
+    for (auto* v : {&h.t, &h.theta, &h.binet, &h.psit}) v->resize(p.features);
     for (int64_t j = 0; j < p.features; ++j) {
-      h.t_feature[j] = static_cast<count_t>(s[j]);
-      h.theta_feature[j] = std::exp(h.t_feature[j]);
+      const NbTheta<count_t> pieces = nb_theta(static_cast<count_t>(s[j]));
+      h.t[j] = pieces.t;
+      h.theta[j] = pieces.theta;
+      h.binet[j] = pieces.binet;
+      h.psit[j] = pieces.psit;
     }
   }
   return h;
@@ -415,33 +393,31 @@ struct CountAccumulator {
   bool tail_bad = false;
 };
 
-// n elements of a count term. t / theta: per_feature, the span's hoisted values; per_element, t
-// only (theta = exp(t) here); uniform, unused (th.t_uniform). z: zinb only.
+// n elements of a count term. `t`: per_feature, the span's features' offset into th's hoisted
+// arrays (feature index); per_element, the elements' log_theta; uniform, unused. z: zinb only.
 template <Likelihood kLik, ScaleLayout kLayout>
-void count_span(const count_t* l, const count_t* x, const count_t* t, const count_t* theta, const count_t* z,
+void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t feature, const count_t* z,
                 const CountTheta& th, int64_t n, const CountSpanOut& out, count_t scale, CountAccumulator& acc) {
   using V = Vec<count_t>;
   constexpr int64_t W = V::size();
   const V vscale(scale), zero(0.0), inf(INFINITY);
   V loss = acc.loss, grad_t = acc.grad_t, bad = acc.bad;  // registers, as in bce_span
-  auto theta_of = [&](auto tv, int64_t i, auto theta_uniform) {
-    if constexpr (kLayout == ScaleLayout::per_element) return exp_(tv);
-    if constexpr (kLayout == ScaleLayout::per_feature) {
-      if constexpr (std::is_same_v<decltype(tv), count_t>) return theta[i];
-      else return V::loadu(theta + i);
-    }
-    return theta_uniform;
-  };
+  const NbTheta<V> uniform{V(th.uniform.t), V(th.uniform.theta), V(th.uniform.binet), V(th.uniform.psit)};
   int64_t i = 0;
   for (; i + W <= n; i += W) {
     const V lv = V::loadu(l + i), xv = V::loadu(x + i);
-    const V tv = kLayout == ScaleLayout::uniform ? V(th.t_uniform) : V::loadu(t + i);
-    const V thv = theta_of(tv, i, V(th.theta_uniform));
+    NbTheta<V> tv = uniform;
+    if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(V::loadu(t + i));
+    if constexpr (kLayout == ScaleLayout::per_feature) {
+      const int64_t j = feature + i;
+      tv = {V::loadu(th.t.data() + j), V::loadu(th.theta.data() + j), V::loadu(th.binet.data() + j),
+            V::loadu(th.psit.data() + j)};
+    }
     const V zv = kLik == Likelihood::zinb ? V::loadu(z + i) : zero;
-    const CountTerm<V> c = count_term<kLik>(lv, xv, tv, thv, zv);
+    const CountTerm<V> c = count_term<kLik>(lv, xv, tv, zv);
     loss = loss + c.loss;
     if (out.grad_l) (c.d_recon * vscale).store(out.grad_l + i);
-    if (out.grad_x) (count_target_grad<kLik>(lv, xv, tv, thv, zv) * vscale).store(out.grad_x + i);
+    if (out.grad_x) (count_target_grad<kLik>(lv, xv, tv, zv) * vscale).store(out.grad_x + i);
     if (out.grad_t_total) grad_t = grad_t + c.d_log_theta;
     if (out.grad_t) (c.d_log_theta * vscale).store(out.grad_t + i);
     if (out.grad_z) (c.d_zi * vscale).store(out.grad_z + i);
@@ -451,13 +427,17 @@ void count_span(const count_t* l, const count_t* x, const count_t* t, const coun
   acc.grad_t = grad_t;
   acc.bad = bad;
   for (; i < n; ++i) {
-    const count_t tv = kLayout == ScaleLayout::uniform ? th.t_uniform : t[i];
-    const count_t thv = theta_of(tv, i, th.theta_uniform);
+    NbTheta<count_t> tv = th.uniform;
+    if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(t[i]);
+    if constexpr (kLayout == ScaleLayout::per_feature) {
+      const int64_t j = feature + i;
+      tv = {th.t[j], th.theta[j], th.binet[j], th.psit[j]};
+    }
     const count_t zv = kLik == Likelihood::zinb ? z[i] : 0.0;
-    const CountTerm<count_t> c = count_term<kLik>(l[i], x[i], tv, thv, zv);
+    const CountTerm<count_t> c = count_term<kLik>(l[i], x[i], tv, zv);
     acc.tail_loss += c.loss;
     if (out.grad_l) out.grad_l[i] = c.d_recon * scale;
-    if (out.grad_x) out.grad_x[i] = count_target_grad<kLik>(l[i], x[i], tv, thv, zv) * scale;
+    if (out.grad_x) out.grad_x[i] = count_target_grad<kLik>(l[i], x[i], tv, zv) * scale;
     if (out.grad_t_total) acc.tail_grad_t += c.d_log_theta;
     if (out.grad_t) out.grad_t[i] = c.d_log_theta * scale;
     if (out.grad_z) out.grad_z[i] = c.d_zi * scale;
@@ -490,19 +470,13 @@ double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b
     to_count(x + start, x_buf, k);
     if (t) to_count(t + start, t_buf, k);
     if (z) to_count(z + start, z_buf, k);
-    const count_t* t_in = t ? t_buf : nullptr;
-    const count_t* theta_in = nullptr;
-    if constexpr (kLayout == ScaleLayout::per_feature) {
-      t_in = th.t_feature.data() + b.feature + start;
-      theta_in = th.theta_feature.data() + b.feature + start;
-    }
     CountSpanOut out;
     out.grad_l = grad_l ? gl_buf : nullptr;
     out.grad_x = grad_x ? gx_buf : nullptr;
     out.grad_z = grad_z ? gz_buf : nullptr;
     out.grad_t = write_t || grad_t_feature_sums ? gt_buf : nullptr;
     out.grad_t_total = grad_t_total != nullptr;
-    count_span<kLik, kLayout>(l_buf, x_buf, t_in, theta_in, z ? z_buf : nullptr, th, k, out,
+    count_span<kLik, kLayout>(l_buf, x_buf, t ? t_buf : nullptr, b.feature + start, z ? z_buf : nullptr, th, k, out,
                               static_cast<count_t>(p.grad_scale), acc);
     if (grad_l) from_count(gl_buf, grad_l + start, k);
     if (grad_x) from_count(gx_buf, grad_x + start, k);

@@ -33,6 +33,14 @@ inline Vec<S> sign_(const Vec<S>& v) {
   return Vec<S>::blendv(zero, one, v > zero) - Vec<S>::blendv(zero, one, v < zero);  // NaN: 0, as the scalar
 }
 template <typename S>
+inline bool any_negative_(const Vec<S>& v) {
+  S lanes[Vec<S>::size()];
+  v.store(lanes);
+  bool any = false;
+  for (int64_t i = 0; i < Vec<S>::size(); ++i) any |= lanes[i] < S(0);
+  return any;
+}
+template <typename S>
 inline Vec<S> select_nonneg(const Vec<S>& cond, const Vec<S>& if_nonneg, const Vec<S>& if_neg) {
   return Vec<S>::blendv(if_neg, if_nonneg, cond >= Vec<S>(S(0)));
 }

@@ -11,7 +11,8 @@
 //
 // Inputs outside the Bernoulli domain (probabilities or targets outside [0, 1]) are not checked
 // here, since a check would need a device-to-host sync: they make that element's loss and
-// gradients NaN instead (hence the sample's loss and the reduced loss).
+// gradients NaN instead (hence the sample's loss and the reduced loss); so do count targets that
+// are negative, NaN or infinite (poisson/nb/zinb, computed in double from csrc/vae_math.h).
 #include "../vae_loss_common.h"
 #include "../vae_math.h"
 #include "cuda_utils.cuh"
@@ -52,6 +53,9 @@ struct LossArgs {
   acc_t* grad_log_scale_partial;
   scalar_t* grad_log_scale_elements;
   acc_t* grad_log_scale_acc;
+  // zinb: the zero-inflation logits and their gradient (null when not wanted / not zinb).
+  const scalar_t* zi_logits;
+  scalar_t* grad_zi_logits;
   // vae_fast::vae_loss_grads_: grad_output on the device (null in the forward: 1), which multiplies
   // grad_scale, and whether the pass returns before touching memory when it is 1.
   const acc_t* grad_output;
@@ -77,6 +81,13 @@ __device__ __forceinline__ at::opmath_type<scalar_t> log_scale_at(const LossArgs
   }
 }
 
+// log_theta of the element at flat index i (feature j of its row) for a per-feature or per-element
+// log_theta, in double: the count terms are computed in double (csrc/vae_math.h).
+template <typename scalar_t>
+__device__ __forceinline__ double count_log_theta(const LossArgs<scalar_t>& a, int64_t i, int64_t j) {
+  return static_cast<double>(a.layout == math::ScaleLayout::per_feature ? a.log_scale[j] : a.log_scale[i]);
+}
+
 template <bool kLogits, typename acc_t>
 __device__ __forceinline__ math::BceTerm<acc_t> bce_checked(acc_t r, acc_t x) {
   math::BceTerm<acc_t> t = kLogits ? math::bce_from_logits(r, x) : math::bce_from_probs(r, x);
@@ -93,6 +104,7 @@ template <typename scalar_t, math::Likelihood kLik, bool kLogits, int kVec, bool
 __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<scalar_t> a, at::opmath_type<scalar_t>* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kBernoulli = kLik == math::Likelihood::bernoulli;
+  constexpr bool kCount = math::is_count(kLik);
   const int lane = threadIdx.x % kWarp;
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (item >= a.batch * a.chunks_per_row || kept(a.keep_if_one ? a.grad_output : nullptr)) return;
@@ -108,7 +120,10 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
 
   // One shared scale: its log and exp once per thread.
   acc_t s_uniform(0), r_uniform(1), constant(0);
-  if constexpr (!kBernoulli) {
+  math::NbTheta<double> theta_uniform{};
+  if constexpr (kCount) {
+    theta_uniform = math::nb_theta(a.log_scale ? static_cast<double>(a.log_scale[0]) : a.log_scale_value);
+  } else if constexpr (!kBernoulli) {
     s_uniform = a.log_scale ? static_cast<acc_t>(a.log_scale[0]) : static_cast<acc_t>(a.log_scale_value);
     r_uniform = math::inverse_scale(s_uniform);
     constant = static_cast<acc_t>(math::location_scale_constant<kLik>());
@@ -129,6 +144,20 @@ __global__ void __launch_bounds__(kThreads) vae_loss_partials_kernel(LossArgs<sc
         sum += t.loss;
         gr.v[k] = static_cast<scalar_t>(t.d_recon * scale);
         gx.v[k] = static_cast<scalar_t>(t.d_target * scale);
+      } else if constexpr (kCount) {
+        const double l = static_cast<double>(r.v[k]), xv = static_cast<double>(x.v[k]);
+        const math::NbTheta<double> th = a.layout == math::ScaleLayout::uniform
+                                             ? theta_uniform
+                                             : math::nb_theta(count_log_theta(a, i + k, i + k - base));
+        const double z = kLik == math::Likelihood::zinb ? static_cast<double>(a.zi_logits[i + k]) : 0.0;
+        const math::CountTerm<double> c = math::count_term<kLik>(l, xv, th, z);
+        sum += static_cast<acc_t>(c.loss);
+        gr.v[k] = static_cast<scalar_t>(c.d_recon * grad_scale);
+        if (a.grad_target) gx.v[k] = static_cast<scalar_t>(math::count_target_grad<kLik>(l, xv, th, z) * grad_scale);
+        if (a.grad_zi_logits) a.grad_zi_logits[i + k] = static_cast<scalar_t>(c.d_zi * grad_scale);
+        grad_s_sum += static_cast<acc_t>(c.d_log_theta);
+        if (a.grad_log_scale_elements) a.grad_log_scale_elements[i + k] = static_cast<scalar_t>(c.d_log_theta * grad_scale);
+        if (a.grad_log_scale_acc) a.grad_log_scale_acc[i + k] = static_cast<acc_t>(c.d_log_theta * grad_scale);
       } else {
         const acc_t s = log_scale_at(a, i + k, i + k - base, s_uniform);
         const acc_t inv = a.layout == math::ScaleLayout::uniform ? r_uniform : math::inverse_scale(s);
@@ -260,6 +289,12 @@ void launch_partials_for(math::Likelihood likelihood, bool logits, Walk walk, co
       return launch_partials_for<scalar_t, math::Likelihood::gaussian, false>(walk, args, partial, stream);
     case math::Likelihood::laplace:
       return launch_partials_for<scalar_t, math::Likelihood::laplace, false>(walk, args, partial, stream);
+    case math::Likelihood::poisson:
+      return launch_partials_for<scalar_t, math::Likelihood::poisson, false>(walk, args, partial, stream);
+    case math::Likelihood::nb:
+      return launch_partials_for<scalar_t, math::Likelihood::nb, false>(walk, args, partial, stream);
+    case math::Likelihood::zinb:
+      return launch_partials_for<scalar_t, math::Likelihood::zinb, false>(walk, args, partial, stream);
   }
 }
 
@@ -320,7 +355,6 @@ int64_t chunks_per_row(const LossShape& shape) {
 // its shape, and each warp item's loss into `partial` [batch * chunks_per_row] (loss dtype).
 void launch_loss_pass(const LossCall& call, const std::array<bool, 6>& grad_mask, bool logits, double log_scale_value,
                       double beta, const at::Tensor& grad_output, bool keep_if_one, at::Tensor& partial) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!math::is_count(call.likelihood), "vae_loss: the count likelihoods' CUDA kernel is not written yet");
   const LossShape& shape = call.shape;
   const at::Tensor& recon = call.recon;
   const int64_t chunks = chunks_per_row(shape);
@@ -361,6 +395,8 @@ void launch_loss_pass(const LossCall& call, const std::array<bool, 6>& grad_mask
     args.grad_log_scale_acc = call.grad_log_scale_per_element ? call.grad_log_scale.mutable_data_ptr<acc_t>()
                               : reduce_columns                 ? grad_s_scratch.mutable_data_ptr<acc_t>()
                                                                : nullptr;
+    args.zi_logits = call.zi_logits.defined() ? call.zi_logits.const_data_ptr<scalar_t>() : nullptr;
+    args.grad_zi_logits = call.grad_ptr<scalar_t>(call.grad_zi_logits, grad_mask[5]);
     args.grad_output = grad_output.defined() ? grad_output.const_data_ptr<acc_t>() : nullptr;
     args.keep_if_one = keep_if_one;
     constexpr int64_t kPackBytes = 16;
