@@ -51,7 +51,7 @@ python3 -m vae_fast info
 repro='import torch, vae_fast
 r, x, mu, lv = torch.rand(4, 10), torch.rand(4, 10), torch.randn(4, 3), torch.randn(4, 3)
 try:
-    torch.ops.vae_fast.vae_loss(r, x, mu, lv, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 5)
+    torch.ops.vae_fast.vae_loss(r, x, mu, lv, None, None, "bernoulli", False, 0.0, -2.0, "sum", [False] * 6)
 except ValueError as e:
     print("beta check raises:", str(e).splitlines()[0])'
 timeout 30 python3 -c "$repro"; status=$?
@@ -122,6 +122,11 @@ timeout 120 ncu --clock-control none -k 'regex:vae_loss_partials|reparameterize'
   --section SpeedOfLight --section Occupancy python3 benchmarks/cuda_profile.py --once 2>&1 |
   grep -E "^  void|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per"
 ended ncu $?
+
+stage "host time per call (B = 128 and 65536), AccumulateGrad copies, profiler summary"
+# Into run.log: the tool brings back 8 files, which the stages above already fill.
+timeout 60 python3 benchmarks/cuda_host_time.py
+ended host-time $?
 
 train_step_benchmark 540
 

@@ -40,6 +40,15 @@ def _check_same_device(fn: str, names: tuple[str, ...], tensors: tuple[torch.Ten
             raise ValueError(f"{fn}: {name} is on {t.device} but {names[0]} is on {first}")
 
 
+# The device types whose kernels the unchecked paths below call (decided at import, as `serves`).
+_OP_SERVES_CPU = _extension.reason_for_reference("cpu") is None
+_OP_SERVES_CUDA = _extension.reason_for_reference("cuda") is None
+
+
+def _op_serves(t: torch.Tensor) -> bool:
+    return (t.is_cpu and _OP_SERVES_CPU) or (t.is_cuda and _OP_SERVES_CUDA)
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample z = mu + exp(0.5 * logvar) * eps with eps ~ N(0, I), drawn inside the fused kernel.
 
@@ -52,6 +61,10 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
     Raises:
         TypeError for a non-tensor or non-floating input, ValueError for mismatched shapes or devices.
     """
+    if not torch.compiler.is_compiling():
+        z = _reparameterize_unchecked(mu, logvar, generator)
+        if z is not None:
+            return z
     for name, value in (("mu", mu), ("logvar", logvar)):
         _require_float_tensor("reparameterize", name, value)
     if mu.shape != logvar.shape:
@@ -63,6 +76,19 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.G
     if not _extension.serves(mu.device):
         return reference.reparameterize(mu, logvar, generator=generator)
     return torch.ops.vae_fast.reparameterize(mu, logvar, generator)
+
+
+def _reparameterize_unchecked(mu, logvar, generator) -> torch.Tensor | None:
+    """The common call straight to the op, whose C++ checks (csrc/reparameterize_common.h) cover
+    every argument: the Python checks cost about 5 us a call (benchmarks/bench_call_overhead.py).
+    None where this path does not apply or the op refused the call; reparameterize's checks then say what is wrong (the op
+    checks before it draws, so a refused call consumed no random numbers)."""
+    try:
+        if _op_serves(mu) and mu.dtype is logvar.dtype:
+            return torch.ops.vae_fast.reparameterize.default(mu, logvar, generator)
+    except Exception:  # any refusal: the checks below explain it, or repeat the call and its error
+        pass
+    return None
 
 
 _LOSS_ARGS = ("recon", "x", "mu", "logvar")
@@ -277,6 +303,10 @@ def vae_loss(
         count likelihoods); a logvar whose exp overflows gives +inf, and so does a recon whose
         exp overflows against a count x > 0.
     """
+    if log_theta is None and zi_logits is None and not torch.compiler.is_compiling():
+        loss = _vae_loss_unchecked(recon, x, mu, logvar, likelihood, logits, log_scale, beta, reduction)
+        if loss is not None:
+            return loss
     beta = _check_loss_args(recon, x, mu, logvar, beta, reduction)
     if likelihood in _COUNT_LIKELIHOODS:
         return _count_loss(recon, x, mu, logvar, likelihood, log_scale, log_theta, zi_logits, logits, beta, reduction)
@@ -303,6 +333,36 @@ def vae_loss(
     return torch.ops.vae_fast.vae_loss(
         recon, x, mu, logvar, scale_tensor, None, likelihood, bool(logits), fixed_log_scale, beta, reduction, grad_mask
     )[0]
+
+
+_UNCHECKED_LIKELIHOODS = ("bernoulli", "gaussian", "laplace")
+
+
+def _vae_loss_unchecked(recon, x, mu, logvar, likelihood, logits, log_scale, beta, reduction) -> torch.Tensor | None:
+    """The common call straight to the op, whose C++ checks (csrc/vae_loss_common.h) cover every
+    argument it is given: the Python checks cost about 7 us a call, nearly the op's own host work
+    (benchmarks/bench_call_overhead.py).
+    None where this path does not apply (mixed dtypes to promote, a device the reference serves, a
+    fixed float log_scale, whose finiteness only the Python checks test) or where the op refused the
+    call: vae_loss's checks then say what is wrong in the caller's terms, or call the op again,
+    which raises its own error (the op has no side effects to repeat)."""
+    if likelihood not in _UNCHECKED_LIKELIHOODS or type(beta) not in (float, int):
+        return None
+    if log_scale is not None and not isinstance(log_scale, torch.Tensor):
+        return None
+    try:
+        if not (_op_serves(recon) and recon.dtype is x.dtype is mu.dtype is logvar.dtype):
+            return None
+        if log_scale is not None and log_scale.dtype is not recon.dtype:
+            return None
+        grad = torch.is_grad_enabled()
+        grad_mask = [grad and recon.requires_grad, grad and x.requires_grad, grad and mu.requires_grad,
+                     grad and logvar.requires_grad, grad and log_scale is not None and log_scale.requires_grad, False]
+        return torch.ops.vae_fast.vae_loss.default(
+            recon, x, mu, logvar, log_scale, None, likelihood, bool(logits), 0.0, beta, reduction, grad_mask
+        )[0]
+    except Exception:  # any refusal: vae_loss's checks explain it, or repeat the call and its error
+        return None
 
 
 def _count_loss(recon, x, mu, logvar, likelihood, log_scale, log_theta, zi_logits, logits, beta, reduction):
