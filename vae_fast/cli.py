@@ -42,10 +42,18 @@ def _bench_dtypes(text: str):
     return tuple(getattr(torch, n) for n in names)
 
 
+def _bench_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(text.split(","))
+    unknown = [m for m in modes if m not in ("warm", "cold")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--modes: unknown {', '.join(unknown)} (choose from warm, cold)")
+    return modes
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
-    selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches")
+    selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches", "modes")
                  if getattr(args, key) is not None}
     return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads, selection=selection,
                      baseline_python=args.baseline_python)
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", type=_bench_dtypes, help="only these dtypes, e.g. float32 (CPU runs float32 only)")
     bench.add_argument("--training-batches", type=_positive_ints("--training-batches"),
                        help="training-step batch sizes, e.g. 128,1024")
+    bench.add_argument("--modes", type=_bench_modes,
+                       help="warm (the same inputs every call), cold (inputs rotated through 4x the last-level "
+                            "cache), or warm,cold (the default)")
     bench.add_argument("--baseline-python", metavar="PYTHON",
                        help="time the eager and torch.compile baselines in this interpreter (another environment, "
                             "e.g. one with torch's CPU build, whose compiler is faster on CPU), side by side with "

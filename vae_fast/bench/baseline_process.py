@@ -85,8 +85,8 @@ class BaselineProcess:
             )
         return reply
 
-    def seconds_per_call(self, name: str, calls: int) -> float:
-        return self._ask({"cmd": "time", "name": name, "calls": calls})["seconds"]
+    def seconds_per_call(self, name: str, mode: str, calls: int) -> float:
+        return self._ask({"cmd": "time", "name": name, "mode": mode, "calls": calls})["seconds"]
 
     def close(self) -> None:
         if self._child.poll() is None:
@@ -107,19 +107,20 @@ class BaselineProcess:
 
 
 class RemoteRun:
-    """One implementation of the current case in the baseline process. The bench's clock asks it
-    for its own timing (`seconds_per_call`), so the pipe's latency is never counted; calling it
-    runs one call there (warm-ups)."""
+    """One implementation of the current case, in one mode, in the baseline process. The bench's
+    clock asks it for its own timing (`seconds_per_call`), so the pipe's latency is never counted;
+    calling it runs one call there (warm-ups)."""
 
-    def __init__(self, process: BaselineProcess, name: str):
+    def __init__(self, process: BaselineProcess, name: str, mode: str):
         self.process = process
         self.name = name
+        self.mode = mode
 
     def seconds_per_call(self, calls: int) -> float:
-        return self.process.seconds_per_call(self.name, calls)
+        return self.process.seconds_per_call(self.name, self.mode, calls)
 
     def __call__(self) -> None:
-        self.process.seconds_per_call(self.name, 1)
+        self.process.seconds_per_call(self.name, self.mode, 1)
 
 
 def serve() -> None:
@@ -143,14 +144,12 @@ def serve() -> None:
                 case = cases.op_case(request["op"], request["pass"], request["batch"], request["latent"],
                                      dtype=getattr(torch, request["dtype"]), device=torch.device("cpu"),
                                      rotation_bytes=request["rotation_bytes"])
-                compile_s = timing.first_call_seconds(case.runs["compiled"], case.device)
-                for name in ("eager", "compiled"):
-                    for _ in range(3):
-                        case.runs[name]()
+                compile_s = timing.first_call_seconds(case.modes["cold"]["compiled"], case.device)
                 reply = {"checksum": case.checksum, "compile_s": compile_s}
             elif request["cmd"] == "time":
                 with torch._dynamo.config.patch(error_on_recompile=True):
-                    seconds = timing.HostClock().seconds_per_call(case.runs[request["name"]], request["calls"])
+                    run = case.modes[request["mode"]][request["name"]]
+                    seconds = timing.HostClock().seconds_per_call(run, request["calls"])
                 reply = {"seconds": seconds}
             else:
                 reply = {"error": f"unknown request {request['cmd']!r}"}
