@@ -2,6 +2,7 @@
 the ideal-bytes formulas, and the interleaving. No timing assertions: timings are the report's job."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -270,3 +271,36 @@ def test_targets_hold_only_when_met_in_both_modes():
     report["rows"][0]["speedup_vs_compiled"] = 2.0
     (logits,) = [t for t in check_targets(report) if t["target"].startswith("loss_logits fwd+bwd B=4096")]
     assert logits["met"]
+
+
+def test_others_cpu_share_sees_another_process_and_not_ours():
+    """A busy child process counts as others' use of the cores unless its pid is among ours."""
+    import subprocess
+    import sys
+
+    import time
+
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass\ntime.sleep(60)"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        others = timing.OthersCpuShare([])
+        ours = timing.OthersCpuShare([spinner.pid])
+        others.start()
+        ours.start()
+        time.sleep(2.0)  # the spin, then the spinner idles (alive, so its CPU time can be read)
+        # 1.5 s of one busy core out of os.cpu_count(); allow for the rest of the machine
+        assert others.share() > 0.5 / os.cpu_count()
+        assert ours.share() < others.share() - 0.3 / os.cpu_count()
+    finally:
+        spinner.kill()
+
+
+def test_busy_rows_are_named_in_the_warning(tiny_report):
+    from vae_fast.bench.report import busy_machine_warning
+
+    report = {**tiny_report, "rows": [dict(row, others_cpu_share=0.0) for row in tiny_report["rows"]]}
+    assert busy_machine_warning(report) is None
+    report["rows"][0]["others_cpu_share"] = 0.4
+    warning = busy_machine_warning(report)
+    first = report["rows"][0]
+    assert f"{first['op']} {first['pass']} B={first['batch']}" in warning and "(40%)" in warning

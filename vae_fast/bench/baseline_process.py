@@ -85,8 +85,15 @@ class BaselineProcess:
             )
         return reply
 
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
     def seconds_per_call(self, name: str, mode: str, calls: int) -> float:
         return self._ask({"cmd": "time", "name": name, "mode": mode, "calls": calls})["seconds"]
+
+    def warm_for(self, name: str, mode: str, seconds: float) -> None:
+        self._ask({"cmd": "warm", "name": name, "mode": mode, "seconds": seconds})
 
     def close(self) -> None:
         if self._child.poll() is None:
@@ -118,6 +125,10 @@ class RemoteRun:
 
     def seconds_per_call(self, calls: int) -> float:
         return self.process.seconds_per_call(self.name, self.mode, calls)
+
+    def warm_for(self, seconds: float) -> None:
+        """Untimed calls there for `seconds` (at least one)."""
+        self.process.warm_for(self.name, self.mode, seconds)
 
     def __call__(self) -> None:
         self.process.seconds_per_call(self.name, self.mode, 1)
@@ -151,6 +162,9 @@ def serve() -> None:
                     run = case.modes[request["mode"]][request["name"]]
                     seconds = timing.HostClock().seconds_per_call(run, request["calls"])
                 reply = {"seconds": seconds}
+            elif request["cmd"] == "warm":
+                timing.warm_for(case.modes[request["mode"]][request["name"]], request["seconds"])
+                reply = {}
             else:
                 reply = {"error": f"unknown request {request['cmd']!r}"}
         except Exception as error:  # noqa: BLE001  (reported to the parent, which raises it there)

@@ -133,12 +133,26 @@ def _measured_text(checked: dict) -> str:
                      for mode, value in checked["measured"].items())
 
 
+# Rows measured while other processes used more than this share of the cores are named in the
+# report's warning: a 2-thread parallel region then waits for time slices.
+BUSY_SHARE = 0.05
+
+
 def busy_machine_warning(report: dict) -> str | None:
-    """Other processes on the cores make parallel CPU kernels straggle; say so when the load average
-    exceeded what this run's own threads account for."""
+    """Other processes on the cores make parallel CPU kernels straggle; say so, naming the rows
+    measured while others used more than BUSY_SHARE of the cores (or, for reports without that
+    figure, when the load average exceeded what this run's own threads account for)."""
+    if report["device"] != "cpu":
+        return None
+    busy = [row for row in report["rows"] if (row.get("others_cpu_share") or 0.0) > BUSY_SHARE]
+    if busy:
+        named = ", ".join(f"{row['op']} {row['pass']} B={row['batch']} L={row['latent']} {row['mode']} "
+                          f"({100 * row['others_cpu_share']:.0f}%)" for row in busy)
+        return (f"other processes used more than {100 * BUSY_SHARE:.0f}% of the cores while these rows were measured, "
+                f"so their timings are noisier than usual: {named}.")
     loads = [row["load_average"] for row in report["rows"] if row.get("load_average") is not None]
     own_threads = report["machine"]["torch_threads"]
-    if report["device"] != "cpu" or not loads or max(loads) <= own_threads + 1:
+    if any("others_cpu_share" in row for row in report["rows"]) or not loads or max(loads) <= own_threads + 1:
         return None
     return (
         f"the load average reached {max(loads):.1f} on {report['machine']['cpu_cores']} cores while this run used "

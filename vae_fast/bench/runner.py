@@ -252,8 +252,10 @@ def _measure_modes(case: Case, plan: Plan, baseline: BaselineProcess | None, cop
     """One report row per mode of the plan that the case has."""
     compile_s = prepare_case(case, baseline)
     remote = baseline is not None and not case.op.startswith("train_step")
+    others = timing.OthersCpuShare([os.getpid()] + ([baseline.pid] if remote else []))
     rows = []
     for mode in (m for m in plan.modes if m in case.modes):
+        others.start()
         samples, details = measure_case(case, mode, plan, remote)
         rows.append({
             **_summarize(case, mode, samples, copy_bytes_per_s),
@@ -261,6 +263,7 @@ def _measure_modes(case: Case, plan: Plan, baseline: BaselineProcess | None, cop
             "baseline_torch": baseline.torch_version if remote else torch.__version__,
             "compile_s": compile_s,
             "load_average": load_average(),
+            "others_cpu_share": others.share(),
         })
     return rows
 

@@ -78,6 +78,48 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=DEFAULT_LAST_LEVEL_CACHE_BYTES)
 
 
+class OthersCpuShare:
+    """The share of all cores that processes other than `pids` used between start() and share():
+    from /proc/stat's busy time minus those processes' own CPU time. On a shared machine another
+    process that holds a core makes every 2-thread parallel region wait for its time slice (a call
+    of 0.25 ms took 8 ms: benchmarks/small_batch_probe.py), so a row says how busy its cores were.
+    None where /proc is missing."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self._start = None
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy, total (idle and iowait apart)
+
+    def _own(self) -> int:
+        total = 0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total
+
+    def start(self) -> None:
+        try:
+            self._start = (*self._system(), self._own())
+        except OSError:
+            self._start = None
+
+    def share(self) -> float | None:
+        if self._start is None:
+            return None
+        try:
+            busy, total, own = (*self._system(), self._own())
+        except OSError:
+            return None
+        busy0, total0, own0 = self._start
+        return max(0.0, (busy - busy0) - (own - own0)) / max(1, total - total0)
+
+
 def first_call_seconds(run: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call, to its end on the device: what torch.compile's first call costs."""
     synchronize(device)
@@ -109,6 +151,19 @@ def choose_repetitions(
     round_s = calls * sum(per_call.values())
     rounds = min(max_rounds, max(min_rounds, int(budget_s / max(round_s, 1e-9))))
     return Repetitions(calls, rounds)
+
+
+def warm_for(run: Callable[[], object], seconds: float) -> None:
+    """Untimed calls of `run` for `seconds`, at least one; a run in another process
+    (`baseline_process.RemoteRun`) makes them there."""
+    remote = getattr(run, "warm_for", None)
+    if remote is not None:
+        remote(seconds)
+        return
+    end = time.perf_counter() + seconds
+    run()
+    while time.perf_counter() < end:
+        run()
 
 
 def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions,
