@@ -130,6 +130,14 @@ def test_rounds_interleave_and_rotate_the_starting_implementation():
     order.clear()
     timing.interleaved_samples(runs, CountingClock(), timing.Repetitions(calls_per_sample=1, rounds=2), settle_s=1e-4)
     assert order == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a"]
+    # With a warm-up after the pause, each sample starts after that long of untimed calls.
+    import time
+
+    stamps = []
+    runs = {"a": lambda: stamps.append(time.perf_counter())}
+    timing.interleaved_samples(runs, CountingClock(), timing.Repetitions(calls_per_sample=1, rounds=1), settle_s=1e-4,
+                               warmup_s=0.02)
+    assert len(stamps) > 2 and stamps[-1] - stamps[0] >= 0.02
 
 
 def test_cli_parses_bench():
@@ -153,7 +161,10 @@ def test_bench_size_options_parse_and_reject_bad_values(capsys):
     args = build_parser().parse_args(["bench", "--batches", "128,65536", "--latents", "64", "--dtypes", "float32,bfloat16"])
     assert args.batches == (128, 65536) and args.latents == (64,) and args.dtypes == (torch.float32, torch.bfloat16)
     assert build_parser().parse_args(["bench", "--modes", "warm"]).modes == ("warm",)
-    for bad in (["--batches", "12x"], ["--latents", "0"], ["--dtypes", "float64"], ["--modes", "hot"]):
+    assert build_parser().parse_args(["bench", "--ops", "loss_probs:fwd+bwd,reparameterize:fwd"]).ops == (
+        ("loss_probs", "fwd+bwd"), ("reparameterize", "fwd"))
+    for bad in (["--batches", "12x"], ["--latents", "0"], ["--dtypes", "float64"], ["--modes", "hot"],
+                ["--ops", "loss_probs:bwd"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["bench", *bad])
         assert bad[0] in capsys.readouterr().err

@@ -13,7 +13,8 @@ Before every sample of every contender the parent leaves the machine idle for SE
 (`timing.interleaved_samples`): an OpenMP pool
 spin-waits for a while after its work, and the other interpreter's spinning threads would take the
 cores from whichever contender runs next (measured: the fused Gaussian loss 3.36 ms right after the
-other process's turn, 2.72 ms with idle pools).
+other process's turn, 2.72 ms with idle pools); then the contender runs untimed for
+WARMUP_AFTER_SETTLE_S, so that its threads and cores are awake again when the sample starts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import sys
 from pathlib import Path
 
 SETTLE_S = 0.05  # longer than libgomp's default spin-wait
+# Untimed calls after the pause, before the sample (timing.interleaved_samples): long enough that
+# the first calls' wake-up cost is gone (benchmarks/small_batch_probe.py).
+WARMUP_AFTER_SETTLE_S = 0.02
 # The source tree that holds the vae_fast package, put on the server's path.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,7 @@ import torch
 import vae_fast
 
 from . import timing
-from .baseline_process import SETTLE_S, BaselineProcess, BaselineProcessError, RemoteRun
+from .baseline_process import SETTLE_S, WARMUP_AFTER_SETTLE_S, BaselineProcess, BaselineProcessError, RemoteRun
 from .cases import IMPLEMENTATIONS, MODES, Case, Unavailable, dtype_name, op_case
 from .training import training_step_case
 
@@ -240,7 +240,8 @@ def measure_case(case: Case, mode: str, plan: Plan, remote: bool = False) -> tup
             min_rounds=plan.min_rounds,
             max_rounds=plan.max_rounds,
         )
-        samples = timing.interleaved_samples(runs, clock, repetitions, settle_s=SETTLE_S if remote else 0.0)
+        samples = timing.interleaved_samples(runs, clock, repetitions, settle_s=SETTLE_S if remote else 0.0,
+                                             warmup_s=WARMUP_AFTER_SETTLE_S)
     return samples, {
         "calls_per_sample": repetitions.calls_per_sample,
         "rounds": repetitions.rounds,

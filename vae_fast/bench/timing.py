@@ -167,13 +167,14 @@ def warm_for(run: Callable[[], object], seconds: float) -> None:
 
 
 def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions,
-                        settle_s: float = 0.0) -> dict[str, list[float]]:
+                        settle_s: float = 0.0, warmup_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call, one sample per implementation per round; with settle_s, the machine is left
     idle that long before each sample (contenders in two processes: see baseline_process), then the
-    implementation makes one untimed call: after the idle its worker threads are asleep and the
-    core may have slowed, a cost of the pause, not of the implementation, which a sample of one or
-    two calls (the large sizes) would otherwise carry in full (it made the fastest contender, whose
-    samples are shortest, look up to 2x slower)."""
+    implementation runs untimed for warmup_s (at least one call). After the idle its worker threads
+    are asleep and the cores slowed down, a cost of the pause, not of the implementation: one call
+    was not enough (the logits loss fwd+bwd at B = 128, 2 threads, measured 0.321 ms a call after
+    the pause and one call, 0.200 ms after the pause and 20 ms of calls, 0.209 ms called alone;
+    benchmarks/small_batch_probe.py, 2026-12-04), and a sample of few calls carried it in full."""
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repetitions.rounds):
@@ -182,7 +183,7 @@ def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetition
             name = names[(round_index + offset) % len(names)]
             if settle_s:
                 time.sleep(settle_s)
-                runs[name]()
+                warm_for(runs[name], warmup_s)
             samples[name].append(clock.seconds_per_call(runs[name], repetitions.calls_per_sample))
     return samples
 
