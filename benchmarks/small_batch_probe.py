@@ -31,20 +31,6 @@ ROUNDS = 15
 SAMPLE_S = 0.005
 
 
-def busy_jiffies() -> tuple[int, int]:
-    """(non-idle, total) jiffies of all CPUs since boot."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def process_jiffies(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def variant(runs: dict, calls: int, pause_s: float, warmup_s: float | None) -> dict[str, float]:
     samples = {name: [] for name in runs}
     clock = timing.HostClock()
@@ -86,12 +72,10 @@ def main() -> None:
             for label, pause_s, warmup_s in (("bench before: 50 ms pause + 1 call", 0.05, None),
                                              ("50 ms pause + 20 ms of calls", 0.05, 0.02),
                                              ("no pause", 0.0, 0.0)):
-                busy0, total0 = busy_jiffies()
-                ours0 = process_jiffies(os.getpid()) + process_jiffies(baseline.pid)
+                others_share = timing.OthersCpuShare([os.getpid(), baseline.pid])
+                others_share.start()
                 medians = variant(runs, calls, pause_s, warmup_s)
-                busy1, total1 = busy_jiffies()
-                ours1 = process_jiffies(os.getpid()) + process_jiffies(baseline.pid)
-                others = max(0, (busy1 - busy0) - (ours1 - ours0)) / max(1, total1 - total0)
+                others = others_share.share() or 0.0
                 print(f"| {threads} | {label} ({calls} calls a sample) | {medians['fused'] * 1e3:.3f} | "
                       f"{medians['compiled'] * 1e3:.3f} | {100 * others:.0f}% |", flush=True)
 
