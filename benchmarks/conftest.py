@@ -22,12 +22,12 @@ def pytest_collect_file(file_path, parent):
 
 @pytest.fixture
 def bench_case(benchmark):
-    """bench_case(case, implementation): warm up (torch.compile's first call reported in extra_info,
-    not timed), then let pytest-benchmark time one call at a time, finished on the device."""
+    """bench_case(case, implementation, mode): warm up (torch.compile's first call reported in
+    extra_info, not timed), then let pytest-benchmark time one call at a time, finished on the device."""
 
-    def run(case, implementation):
-        call = case.runs[implementation]
-        benchmark.group = case.label
+    def run(case, implementation, mode):
+        call = case.modes[mode][implementation]
+        benchmark.group = f"{case.label} {mode}"
         benchmark.extra_info["compile_or_first_call_s"] = timing.first_call_seconds(call, case.device)
         benchmark.extra_info["ideal_bytes"] = case.ideal_bytes
         for _ in range(3):

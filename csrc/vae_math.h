@@ -76,6 +76,13 @@ VAE_HD T log_prob_clamped_(T p) { return clamp_below(log_(p), T(-100)); }
 template <typename T>
 VAE_HD T log1m_prob_clamped_(T p) { return clamp_below(log1p_(-p), T(-100)); }
 
+// max(log p, -100) where x = 1 and max(log1p(-p), -100) where x = 0, for a target x that is exactly
+// 0 or 1 (binarized data); the AVX2 build takes one logarithm per lane instead of both.
+template <typename T>
+VAE_HD T log_binary_likelihood_clamped_(T p, T x) {
+  return select_nonneg(x - T(0.5), log_prob_clamped_(p), log1m_prob_clamped_(p));
+}
+
 // ---- Bernoulli reconstruction term, one element ----
 template <typename T>
 struct BceTerm {
@@ -95,6 +102,19 @@ VAE_HD BceTerm<T> bce_from_probs(T p, T x) {
   t.loss = -(x * log_p + (one - x) * log_1mp);
   t.d_recon = (p - x) * recip_(clamp_below(p * (one - p), min_denominator));
   t.d_target = log_1mp - log_p;
+  return t;
+}
+
+// bce_from_probs's loss and d_recon, bit for bit, for a target x that is exactly 0 or 1: then
+// x log p + (1 - x) log(1 - p) is one of the two logarithms. d_target, which needs both, is NaN: a
+// caller that wants it takes bce_from_probs.
+template <typename T>
+VAE_HD BceTerm<T> bce_from_probs_binary_target(T p, T x) {
+  const T one(1), min_denominator(1e-12);
+  BceTerm<T> t;
+  t.loss = T(0) - log_binary_likelihood_clamped_(p, x);
+  t.d_recon = (p - x) * recip_(clamp_below(p * (one - p), min_denominator));
+  t.d_target = T(NAN);
   return t;
 }
 

@@ -43,11 +43,34 @@ def _bench_dtypes(text: str):
     return tuple(getattr(torch, n) for n in names)
 
 
+def _bench_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(text.split(","))
+    unknown = [m for m in modes if m not in ("warm", "cold")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--modes: unknown {', '.join(unknown)} (choose from warm, cold)")
+    return modes
+
+
+def _bench_ops(text: str) -> tuple[tuple[str, str], ...]:
+    """op:pass pairs of the bench's op cases, e.g. loss_probs:fwd+bwd."""
+    from .bench.runner import OP_PASSES
+
+    pairs = tuple(tuple(part.split(":", 1)) for part in text.split(","))
+    unknown = [":".join(p) for p in pairs if p not in OP_PASSES]
+    if unknown:
+        choices = ", ".join(f"{op}:{pass_}" for op, pass_ in OP_PASSES)
+        raise argparse.ArgumentTypeError(f"--ops: unknown {', '.join(unknown)} (choose from {choices})")
+    return pairs
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
-    selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches")
+    selection = {key: getattr(args, key) for key in ("batches", "latents", "dtypes", "training_batches", "modes")
                  if getattr(args, key) is not None}
+    if args.ops is not None:
+        selection["op_passes"] = args.ops
+        selection.setdefault("training_batches", ())  # --ops alone: no training-step rows
     return run_bench(args.device, quick=args.quick, out_dir=args.out, threads=args.threads, selection=selection,
                      baseline_python=args.baseline_python)
 
@@ -354,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtypes", type=_bench_dtypes, help="only these dtypes, e.g. float32 (CPU runs float32 only)")
     bench.add_argument("--training-batches", type=_positive_ints("--training-batches"),
                        help="training-step batch sizes, e.g. 128,1024")
+    bench.add_argument("--ops", type=_bench_ops,
+                       help="only these op cases, e.g. loss_probs:fwd+bwd,reparameterize:fwd+bwd (training steps "
+                            "then only with --training-batches)")
+    bench.add_argument("--modes", type=_bench_modes,
+                       help="warm (the same inputs every call), cold (inputs rotated through 4x the last-level "
+                            "cache), or warm,cold (the default)")
     bench.add_argument("--baseline-python", metavar="PYTHON",
                        help="time the eager and torch.compile baselines in this interpreter (another environment, "
                             "e.g. one with torch's CPU build, whose compiler is faster on CPU), side by side with "

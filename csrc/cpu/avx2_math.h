@@ -146,6 +146,32 @@ inline __m256 log1m_prob_clamped(__m256 p) {
   return _mm256_blendv_ps(result, p, _mm256_cmp_ps(p, p, _CMP_UNORD_Q));
 }
 
+// For a target x that is exactly 0 or 1: log_prob_clamped(p) in the lanes where x = 1 and
+// log1m_prob_clamped(p) where x = 0, bit for bit, from one logarithm (of p or of 1 - p) instead of
+// both. Every lane goes through exactly the operations of its function.
+inline __m256 log_binary_likelihood_clamped(__m256 p, __m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 take_p = _mm256_cmp_ps(x, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m256 u = _mm256_sub_ps(one, p);
+  const __m256 u_safe = _mm256_max_ps(u, _mm256_set1_ps(1.17549435e-38f));
+  const __m256 p_floored = _mm256_max_ps(p, _mm256_castsi256_ps(_mm256_set1_epi32(26)));
+  __m256 e_adjust;  // 0 in the 1 - p lanes: u_safe is normal
+  const __m256 xs = scale_denormal(_mm256_blendv_ps(u_safe, p_floored, take_p), e_adjust);
+  const __m256 log = log_normal(xs, e_adjust);
+  const __m256 correction = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(one, u), p), recip(u_safe));
+  __m256 result = _mm256_max_ps(_mm256_blendv_ps(_mm256_add_ps(log, correction), log, take_p), _mm256_set1_ps(-100.0f));
+  const __m256 u_zero = _mm256_andnot_ps(take_p, _mm256_cmp_ps(u, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(-100.0f), u_zero);
+  return _mm256_blendv_ps(result, p, _mm256_cmp_ps(p, p, _CMP_UNORD_Q));
+}
+
+// Whether every lane of x is exactly 0 or 1.
+inline bool all_binary(__m256 x) {
+  const __m256 zero_or_one = _mm256_or_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_EQ_OQ),
+                                          _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_EQ_OQ));
+  return _mm256_movemask_ps(zero_or_one) == 0xFF;
+}
+
 // log1p(v) = log(u) + (v - (u - 1)) / u with u = 1 + v rounded: the correction restores the digits
 // of v that the rounding of 1 + v dropped (Goldberg's trick).
 inline __m256 log1p(__m256 v) {
@@ -233,6 +259,10 @@ inline Vec<float> exp_nonpos_(const Vec<float>& v) { return Vec<float>(avx2_deta
 inline Vec<float> recip_(const Vec<float>& v) { return Vec<float>(avx2_detail::recip(v)); }
 inline Vec<float> log_prob_clamped_(const Vec<float>& v) { return Vec<float>(avx2_detail::log_prob_clamped(v)); }
 inline Vec<float> log1m_prob_clamped_(const Vec<float>& v) { return Vec<float>(avx2_detail::log1m_prob_clamped(v)); }
+inline Vec<float> log_binary_likelihood_clamped_(const Vec<float>& p, const Vec<float>& x) {
+  return Vec<float>(avx2_detail::log_binary_likelihood_clamped(p, x));
+}
+inline bool all_binary_(const Vec<float>& x) { return avx2_detail::all_binary(x); }
 
 }  // namespace VAE_FAST_ISA
 }  // namespace math

@@ -82,6 +82,16 @@ struct BceAccumulator {
   bool tail_target_bad{false};
 };
 
+// Whether the build has a one-logarithm path for binary targets (avx2_math.h) worth a per-vector
+// check: elsewhere both logarithms are taken anyway.
+#if defined(CPU_CAPABILITY_AVX2)
+template <typename S>
+constexpr bool kBinaryTargetPath = std::is_same_v<S, float>;
+#else
+template <typename S>
+constexpr bool kBinaryTargetPath = false;
+#endif
+
 template <bool kLogits, typename T>
 BceTerm<T> bce_term(T recon, T target) {
   if constexpr (kLogits) {
@@ -105,7 +115,13 @@ void bce_span(const acc_t* r, const acc_t* x, int64_t n, acc_t* grad_r, acc_t* g
   for (; i + W <= n; i += W) {
     const V rv = V::loadu(r + i);
     const V xv = V::loadu(x + i);
-    const BceTerm<V> t = bce_term<kLogits>(rv, xv);
+    BceTerm<V> t;
+    if constexpr (!kLogits && kBinaryTargetPath<acc_t>) {
+      // binarized data: one logarithm per element (d_target would need both)
+      t = !grad_x && all_binary_(xv) ? bce_from_probs_binary_target(rv, xv) : bce_term<kLogits>(rv, xv);
+    } else {
+      t = bce_term<kLogits>(rv, xv);
+    }
     loss = loss + t.loss;
     if (grad_r) (t.d_recon * vscale).store(grad_r + i);
     if (grad_x) (t.d_target * vscale).store(grad_x + i);

@@ -13,7 +13,8 @@ Before every sample of every contender the parent leaves the machine idle for SE
 (`timing.interleaved_samples`): an OpenMP pool
 spin-waits for a while after its work, and the other interpreter's spinning threads would take the
 cores from whichever contender runs next (measured: the fused Gaussian loss 3.36 ms right after the
-other process's turn, 2.72 ms with idle pools).
+other process's turn, 2.72 ms with idle pools); then the contender runs untimed for
+WARMUP_AFTER_SETTLE_S, so that its threads and cores are awake again when the sample starts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import sys
 from pathlib import Path
 
 SETTLE_S = 0.05  # longer than libgomp's default spin-wait
+# Untimed calls after the pause, before the sample (timing.interleaved_samples): long enough that
+# the first calls' wake-up cost is gone (benchmarks/small_batch_probe.py).
+WARMUP_AFTER_SETTLE_S = 0.02
 # The source tree that holds the vae_fast package, put on the server's path.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,8 +89,15 @@ class BaselineProcess:
             )
         return reply
 
-    def seconds_per_call(self, name: str, calls: int) -> float:
-        return self._ask({"cmd": "time", "name": name, "calls": calls})["seconds"]
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
+    def seconds_per_call(self, name: str, mode: str, calls: int) -> float:
+        return self._ask({"cmd": "time", "name": name, "mode": mode, "calls": calls})["seconds"]
+
+    def warm_for(self, name: str, mode: str, seconds: float) -> None:
+        self._ask({"cmd": "warm", "name": name, "mode": mode, "seconds": seconds})
 
     def close(self) -> None:
         if self._child.poll() is None:
@@ -107,19 +118,24 @@ class BaselineProcess:
 
 
 class RemoteRun:
-    """One implementation of the current case in the baseline process. The bench's clock asks it
-    for its own timing (`seconds_per_call`), so the pipe's latency is never counted; calling it
-    runs one call there (warm-ups)."""
+    """One implementation of the current case, in one mode, in the baseline process. The bench's
+    clock asks it for its own timing (`seconds_per_call`), so the pipe's latency is never counted;
+    calling it runs one call there (warm-ups)."""
 
-    def __init__(self, process: BaselineProcess, name: str):
+    def __init__(self, process: BaselineProcess, name: str, mode: str):
         self.process = process
         self.name = name
+        self.mode = mode
 
     def seconds_per_call(self, calls: int) -> float:
-        return self.process.seconds_per_call(self.name, calls)
+        return self.process.seconds_per_call(self.name, self.mode, calls)
+
+    def warm_for(self, seconds: float) -> None:
+        """Untimed calls there for `seconds` (at least one)."""
+        self.process.warm_for(self.name, self.mode, seconds)
 
     def __call__(self) -> None:
-        self.process.seconds_per_call(self.name, 1)
+        self.process.seconds_per_call(self.name, self.mode, 1)
 
 
 def serve() -> None:
@@ -143,15 +159,16 @@ def serve() -> None:
                 case = cases.op_case(request["op"], request["pass"], request["batch"], request["latent"],
                                      dtype=getattr(torch, request["dtype"]), device=torch.device("cpu"),
                                      rotation_bytes=request["rotation_bytes"])
-                compile_s = timing.first_call_seconds(case.runs["compiled"], case.device)
-                for name in ("eager", "compiled"):
-                    for _ in range(3):
-                        case.runs[name]()
+                compile_s = timing.first_call_seconds(case.modes["cold"]["compiled"], case.device)
                 reply = {"checksum": case.checksum, "compile_s": compile_s}
             elif request["cmd"] == "time":
                 with torch._dynamo.config.patch(error_on_recompile=True):
-                    seconds = timing.HostClock().seconds_per_call(case.runs[request["name"]], request["calls"])
+                    run = case.modes[request["mode"]][request["name"]]
+                    seconds = timing.HostClock().seconds_per_call(run, request["calls"])
                 reply = {"seconds": seconds}
+            elif request["cmd"] == "warm":
+                timing.warm_for(case.modes[request["mode"]][request["name"]], request["seconds"])
+                reply = {}
             else:
                 reply = {"error": f"unknown request {request['cmd']!r}"}
         except Exception as error:  # noqa: BLE001  (reported to the parent, which raises it there)

@@ -2,10 +2,14 @@
 a zero-argument callable per implementation: "fused" (vae_fast), "eager" (the baselines of
 `vae_fast.baselines`) and "compiled" (`torch.compile` of that same eager code).
 
-Every implementation of a case reads the same input sets in the same order. The sets rotate, and
-together they are several times the last-level cache, so a large size is not flattered by finding
-its inputs still cached from the previous call. Gradients are returned by `torch.autograd.grad`
-rather than accumulated into `.grad`: no implementation pays for zeroing or keeps them alive.
+Each case is measured in two modes (MODES), every implementation reading the same inputs in the
+same order:
+- "warm": one input set, the same every call, as a training step sees them (the decoder has just
+  written `recon`): whatever fits in the caches is found there.
+- "cold": input sets that rotate and together are several times the last-level cache, so a large
+  size is not flattered by finding its inputs still cached from the previous call.
+Backward passes run as a training step's do: each call sets the inputs' `.grad` to None, then
+`backward()` leaves the gradients there.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from vae_fast.baselines import (
 
 FEATURES = 784  # MNIST, as in the PyTorch examples' VAE
 IMPLEMENTATIONS = ("fused", "eager", "compiled")
+MODES = ("warm", "cold")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class Case:
     device: torch.device
     ideal_bytes: int | None  # None where a bandwidth figure would mean nothing (matmul-bound)
     input_sets: int
-    runs: dict[str, Callable[[], object]] = field(default_factory=dict)
+    # mode ("warm", "cold") -> implementation -> zero-argument call
+    modes: dict[str, dict[str, Callable[[], object]]] = field(default_factory=dict)
     checksum: float | None = None  # of the inputs, see input_checksum
     rotation_bytes: int | None = None  # what the input sets were sized to exceed
 
@@ -102,6 +108,33 @@ def rotating(call: Callable, input_sets: list[tuple]) -> Callable[[], object]:
     """A callable that runs `call` on the next input set each time, cycling."""
     sets = itertools.cycle(input_sets)
     return lambda: call(*next(sets))
+
+
+def repeating(call: Callable, inputs: tuple) -> Callable[[], object]:
+    """A callable that runs `call` on the same inputs every time."""
+    return lambda: call(*inputs)
+
+
+def in_both_modes(calls: dict[str, Callable], input_sets: list[tuple]) -> dict[str, dict[str, Callable[[], object]]]:
+    """Each implementation's call on the first input set alone ("warm") and on all of them in turn ("cold")."""
+    return {
+        "warm": {name: repeating(call, input_sets[0]) for name, call in calls.items()},
+        "cold": {name: rotating(call, input_sets) for name, call in calls.items()},
+    }
+
+
+def forward_backward(forward: Callable, grad_output_arg: bool = False) -> Callable:
+    """forward, then backward as a training step runs it: the differentiated inputs' `.grad` set to
+    None first (zero_grad), the gradients left in `.grad`. With grad_output_arg, the last argument
+    is the output's gradient rather than an input of `forward`."""
+
+    def call(*args):
+        inputs, grad_output = (args[:-1], args[-1]) if grad_output_arg else (args, None)
+        for t in inputs:
+            t.grad = None
+        forward(*inputs).backward(grad_output)
+
+    return call
 
 
 def compiled(fn: Callable) -> Callable:
@@ -164,14 +197,9 @@ def loss_case(
     set_bytes = (2 * batch * FEATURES + 2 * batch * latent) * itemsize
     input_sets = [make_set() for _ in range(input_set_count(set_bytes, rotation_bytes))]
 
-    def timed(fn):
-        if not backward:
-            return rotating(fn, input_sets)
-
-        def forward_backward(recon, x, *rest):
-            return torch.autograd.grad(fn(recon, x, *rest), (recon, *rest))
-
-        return rotating(forward_backward, input_sets)
+    implementations = {"fused": fused, "eager": spec.eager, "compiled": compiled(spec.eager)}
+    if backward:
+        implementations = {name: forward_backward(fn) for name, fn in implementations.items()}
 
     return Case(
         op=op,
@@ -182,7 +210,7 @@ def loss_case(
         device=device,
         ideal_bytes=loss_ideal_bytes(batch, latent, itemsize, backward=backward),
         input_sets=len(input_sets),
-        runs={"fused": timed(fused), "eager": timed(spec.eager), "compiled": timed(compiled(spec.eager))},
+        modes=in_both_modes(implementations, input_sets),
         checksum=input_checksum(input_sets),
         rotation_bytes=rotation_bytes,
     )
@@ -203,10 +231,13 @@ def reparameterize_case(
     set_bytes = (3 if backward else 2) * batch * latent * itemsize
     input_sets = [make_set() for _ in range(input_set_count(set_bytes, rotation_bytes))]
 
-    def timed(fn):
-        if not backward:
-            return rotating(fn, input_sets)
-        return rotating(lambda mu, logvar, grad_z: torch.autograd.grad(fn(mu, logvar), (mu, logvar), grad_z), input_sets)
+    implementations = {
+        "fused": vae_fast.reparameterize,
+        "eager": eager_reparameterize,
+        "compiled": compiled(eager_reparameterize),
+    }
+    if backward:
+        implementations = {name: forward_backward(fn, grad_output_arg=True) for name, fn in implementations.items()}
 
     return Case(
         op="reparameterize",
@@ -219,11 +250,7 @@ def reparameterize_case(
         input_sets=len(input_sets),
         checksum=input_checksum(input_sets),
         rotation_bytes=rotation_bytes,
-        runs={
-            "fused": timed(vae_fast.reparameterize),
-            "eager": timed(eager_reparameterize),
-            "compiled": timed(compiled(eager_reparameterize)),
-        },
+        modes=in_both_modes(implementations, input_sets),
     )
 
 

@@ -1,6 +1,6 @@
 """The report's plot: fused speedup vs batch size, one panel per op and pass; colour is the baseline
-(eager or torch.compile), line style the latent size, marker the dtype. Above the grey line at 1x
-the fused path is faster."""
+(eager or torch.compile), line style the mode (warm or cold) and latent size, marker the dtype. Above
+the grey line at 1x the fused path is faster."""
 
 from __future__ import annotations
 
@@ -40,29 +40,32 @@ def write_plot(report: dict, path: Path) -> None:
     rows = report["rows"]
     panels = _panels(rows)
     latents = sorted({row["latent"] for row in rows})
+    modes = list(dict.fromkeys(row["mode"] for row in rows))
+    # One line style per (mode, latent size): the warm lines first.
+    styles = {(mode, latent): LINE_STYLES[i % len(LINE_STYLES)]
+              for i, (mode, latent) in enumerate((m, lat) for m in modes for lat in latents)}
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
     columns = 4
     grid_rows = max(1, -(-len(panels) // columns))
     fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.4 * grid_rows + 0.6), squeeze=False)
     axes = axes.ravel()
-    # Values next to the points of one line per baseline only (the first latent size and dtype);
-    # labels of lines that run close together would print over each other.
-    labelled = (latents[0], dtypes[0]) if latents else None
+    # Values next to the points of one line per baseline only (the first mode, latent size and
+    # dtype); labels of lines that run close together would print over each other.
+    labelled = (modes[0], latents[0], dtypes[0]) if latents else None
     for ax, (op, pass_) in zip(axes, panels):
         for key, (color, _) in BASELINE_COLORS.items():
-            for latent_index, latent in enumerate(latents):
+            for (mode, latent), style in styles.items():
                 for dtype in dtypes:
                     points = sorted(
                         (row["batch"], row[key])
                         for row in rows
-                        if (row["op"], row["pass"], row["latent"], row["dtype"]) == (op, pass_, latent, dtype)
+                        if (row["op"], row["pass"], row["mode"], row["latent"], row["dtype"]) == (op, pass_, mode, latent, dtype)
                         and row[key] is not None
                     )
                     if points:
                         xs, ys = zip(*points)
-                        ax.plot(xs, ys, color=color, linestyle=LINE_STYLES[latent_index % len(LINE_STYLES)],
-                                marker=MARKERS.get(dtype, "x"), markersize=5)
-                        if (latent, dtype) == labelled:
+                        ax.plot(xs, ys, color=color, linestyle=style, marker=MARKERS.get(dtype, "x"), markersize=5)
+                        if (mode, latent, dtype) == labelled:
                             for x, y in points:
                                 ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=LABEL_OFFSETS[key],
                                             fontsize=7, color=color)
@@ -85,8 +88,8 @@ def write_plot(report: dict, path: Path) -> None:
         ax.set_ylabel("fused speedup")
         ax.grid(True, which="major", alpha=0.3)
     handles = [Line2D([], [], color=color, label=label) for color, label in BASELINE_COLORS.values()]
-    handles += [Line2D([], [], color="black", linestyle=LINE_STYLES[i % len(LINE_STYLES)], label=f"L={latent}")
-                for i, latent in enumerate(latents)]
+    handles += [Line2D([], [], color="black", linestyle=style, label=f"{mode}, L={latent}")
+                for (mode, latent), style in styles.items()]
     handles += [Line2D([], [], color="black", marker=MARKERS.get(d, "x"), linestyle="", label=d) for d in dtypes]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     for ax in axes[len(panels):]:
@@ -96,7 +99,7 @@ def write_plot(report: dict, path: Path) -> None:
     threads = machine["torch_threads"]
     if report["device"] == "cpu":
         where += f", {threads} torch thread{'s' if threads != 1 else ''}"
-    numbers = f"numbers for L={labelled[0]} {labelled[1]}" if labelled else ""
+    numbers = f"numbers for {labelled[0]} L={labelled[1]} {labelled[2]}" if labelled else ""
     versions = report.get("versions", {})
     torches = f"fused: torch {versions['torch']}, baselines: torch {versions.get('baseline_torch', versions['torch'])}" \
         if "torch" in versions else ""

@@ -19,8 +19,8 @@ import torch
 import vae_fast
 
 from . import timing
-from .baseline_process import SETTLE_S, BaselineProcess, BaselineProcessError, RemoteRun
-from .cases import IMPLEMENTATIONS, Case, Unavailable, dtype_name, op_case
+from .baseline_process import SETTLE_S, WARMUP_AFTER_SETTLE_S, BaselineProcess, BaselineProcessError, RemoteRun
+from .cases import IMPLEMENTATIONS, MODES, Case, Unavailable, dtype_name, op_case
 from .training import training_step_case
 
 OP_PASSES = (
@@ -48,6 +48,7 @@ class Plan:
     latents: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     op_passes: tuple[tuple[str, str], ...] = OP_PASSES
+    modes: tuple[str, ...] = MODES  # each case in each of these (a training step is "cold" only)
     training_batches: tuple[int, ...] = ()
     training_logits: tuple[bool, ...] = (False, True)  # the drop-in path, then the logits path
     min_sample_s: float = 0.005
@@ -87,18 +88,16 @@ class Plan:
             label="quick",
         )
 
-    def selected(self, *, batches=None, latents=None, dtypes=None, training_batches=None) -> Plan:
-        """This plan restricted to the given sizes (None keeps the plan's own): a run that checks a
-        few targets in minutes instead of the whole grid. Labelled "selected", so its files never
-        overwrite a full run's."""
-        if batches is latents is dtypes is training_batches is None:
+    def selected(self, *, batches=None, latents=None, dtypes=None, training_batches=None, modes=None,
+                 op_passes=None) -> Plan:
+        """This plan restricted to the given sizes, modes and (op, pass) pairs (None keeps the plan's
+        own): a run that checks a few targets in minutes instead of the whole grid. Labelled
+        "selected", so its files never overwrite a full run's."""
+        chosen = {key: tuple(value) for key, value in dict(
+            batches=batches, latents=latents, dtypes=dtypes, training_batches=training_batches, modes=modes,
+            op_passes=op_passes).items() if value is not None}
+        if not chosen:
             return self
-        chosen = dict(
-            batches=self.batches if batches is None else tuple(batches),
-            latents=self.latents if latents is None else tuple(latents),
-            dtypes=self.dtypes if dtypes is None else tuple(dtypes),
-            training_batches=self.training_batches if training_batches is None else tuple(training_batches),
-        )
         return replace(self, **chosen, label="selected")
 
     def describe(self) -> dict:
@@ -153,7 +152,7 @@ def machine_description(device: torch.device) -> dict:
     return described
 
 
-def _summarize(case: Case, samples: dict[str, list[float]], copy_bytes_per_s: float) -> dict:
+def _summarize(case: Case, mode: str, samples: dict[str, list[float]], copy_bytes_per_s: float) -> dict:
     impls = {}
     for name, seconds in samples.items():
         median = statistics.median(seconds)
@@ -169,6 +168,7 @@ def _summarize(case: Case, samples: dict[str, list[float]], copy_bytes_per_s: fl
         "batch": case.batch,
         "latent": case.latent,
         "dtype": dtype_name(case.dtype),
+        "mode": mode,
         "ideal_bytes": case.ideal_bytes,
         "speedup_vs_eager": impls["eager"]["median_s"] / fused,
         "speedup_vs_compiled": impls["compiled"]["median_s"] / fused if "compiled" in impls else None,
@@ -199,49 +199,74 @@ def _cases(plan: Plan, device: torch.device, rotation_bytes: int):
 
 
 def _use_baseline_process(case: Case, baseline: BaselineProcess) -> float | None:
-    """Replaces the case's eager and compiled runs by the baseline process's (built there from the
-    same seeded inputs); returns that process's compile time."""
+    """Replaces the case's eager and compiled runs, in every mode, by the baseline process's (built
+    there from the same seeded inputs); returns that process's compile time."""
     built = baseline.build(case.op, case.pass_, case.batch, case.latent, dtype_name(case.dtype), case.rotation_bytes,
                            torch.get_num_threads(), case.checksum)
-    for name in ("eager", "compiled"):
-        if name in case.runs:
-            case.runs[name] = RemoteRun(baseline, name)
-    return built["compile_s"] if "compiled" in case.runs else None
+    for mode, runs in case.modes.items():
+        for name in ("eager", "compiled"):
+            if name in runs:
+                runs[name] = RemoteRun(baseline, name, mode)
+    return built["compile_s"] if "compiled" in case.modes["cold"] else None
 
 
-def measure_case(case: Case, plan: Plan, baseline: BaselineProcess | None = None) -> tuple[dict[str, list[float]], dict]:
-    """Warm every implementation up (torch.compile's first call timed apart), then interleave. With
-    a baseline process, op cases take their eager and compiled timings from it (training steps stay
-    in this process)."""
+def prepare_case(case: Case, baseline: BaselineProcess | None = None) -> float | None:
+    """Hands the op cases' eager and compiled runs to the baseline process when there is one
+    (training steps stay in this process); returns torch.compile's first call in seconds, timed
+    apart from everything else (None without a compiled run)."""
+    if baseline is not None and not case.op.startswith("train_step"):
+        return _use_baseline_process(case, baseline)
+    compiled_run = case.modes["cold"].get("compiled")
+    return None if compiled_run is None else timing.first_call_seconds(compiled_run, case.device)
+
+
+def measure_case(case: Case, mode: str, plan: Plan, remote: bool = False) -> tuple[dict[str, list[float]], dict]:
+    """Warm every implementation of one mode up, then interleave. `remote`: the eager and compiled
+    runs are in the baseline process (prepare_case), whose turns are separated by a settle pause."""
     clock = timing.clock_for(case.device)
-    remote = baseline is not None and not case.op.startswith("train_step")
-    if remote:
-        compile_s = _use_baseline_process(case, baseline)
-    else:
-        compile_s = timing.first_call_seconds(case.runs["compiled"], case.device) if "compiled" in case.runs else None
+    runs = case.modes[mode]
     # The inputs were written when created, so their pages are resident already; a few calls fill
     # the allocator's caches and finish any lazy initialization (autotuning, thread pools).
-    for run in case.runs.values():
+    for run in runs.values():
         for _ in range(WARMUP_CALLS):
             run()
     # A recompile inside the timed rounds would be timed as if it were a call; refuse it instead.
     with torch._dynamo.config.patch(error_on_recompile=True):
         repetitions = timing.choose_repetitions(
-            case.runs,
+            runs,
             clock,
             min_sample_s=plan.min_sample_s,
             budget_s=plan.budget_s,
             min_rounds=plan.min_rounds,
             max_rounds=plan.max_rounds,
         )
-        samples = timing.interleaved_samples(case.runs, clock, repetitions, settle_s=SETTLE_S if remote else 0.0)
+        samples = timing.interleaved_samples(runs, clock, repetitions, settle_s=SETTLE_S if remote else 0.0,
+                                             warmup_s=WARMUP_AFTER_SETTLE_S)
     return samples, {
-        "baseline_torch": baseline.torch_version if remote else torch.__version__,
-        "compile_s": compile_s,
         "calls_per_sample": repetitions.calls_per_sample,
         "rounds": repetitions.rounds,
-        "input_sets": case.input_sets,
+        "input_sets": 1 if mode == "warm" else case.input_sets,
     }
+
+
+def _measure_modes(case: Case, plan: Plan, baseline: BaselineProcess | None, copy_bytes_per_s: float) -> list[dict]:
+    """One report row per mode of the plan that the case has."""
+    compile_s = prepare_case(case, baseline)
+    remote = baseline is not None and not case.op.startswith("train_step")
+    others = timing.OthersCpuShare([os.getpid()] + ([baseline.pid] if remote else []))
+    rows = []
+    for mode in (m for m in plan.modes if m in case.modes):
+        others.start()
+        samples, details = measure_case(case, mode, plan, remote)
+        rows.append({
+            **_summarize(case, mode, samples, copy_bytes_per_s),
+            **details,
+            "baseline_torch": baseline.torch_version if remote else torch.__version__,
+            "compile_s": compile_s,
+            "load_average": load_average(),
+            "others_cpu_share": others.share(),
+        })
+    return rows
 
 
 def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_done=None,
@@ -272,6 +297,7 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
         "backend": vae_fast.backend_info()["devices"][device.type],
         "plan": plan.describe(),
         "implementations": [name for name in IMPLEMENTATIONS if plan.compile or name != "compiled"],
+        "modes": list(plan.modes),
         "copy_bandwidth_gb_per_s": copy_bytes_per_s / 1e9,
         "rotation_bytes": rotation_bytes,
         "rows": [],
@@ -286,9 +312,9 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
         try:
             case = build()
             if not plan.compile:
-                del case.runs["compiled"]
-            samples, details = measure_case(case, plan, baseline)
-            row = {**_summarize(case, samples, copy_bytes_per_s), **details, "load_average": load_average()}
+                for runs in case.modes.values():
+                    del runs["compiled"]
+            rows = _measure_modes(case, plan, baseline, copy_bytes_per_s)
             del case  # frees this case's input sets before the next case allocates its own
         except Unavailable as why:
             report["skipped"].append({"case": description, "reason": str(why)})
@@ -298,14 +324,13 @@ def measure(device: str | torch.device, plan: Plan, *, log=sys.stderr, on_case_d
             print(f"{progress} FAILED", file=log, flush=True)
             traceback.print_exc(file=log)
         else:
-            report["rows"].append(row)
-            vs_compiled = "" if row["speedup_vs_compiled"] is None else f", x{row['speedup_vs_compiled']:.2f} vs compiled"
-            print(
-                f"{progress} fused x{row['speedup_vs_eager']:.2f} vs eager{vs_compiled} "
-                f"({time.perf_counter() - case_started:.1f} s)",
-                file=log,
-                flush=True,
+            report["rows"] += rows
+            speedups = "; ".join(
+                f"{row['mode']} x{row['speedup_vs_eager']:.2f} vs eager"
+                + ("" if row["speedup_vs_compiled"] is None else f", x{row['speedup_vs_compiled']:.2f} vs compiled")
+                for row in rows
             )
+            print(f"{progress} fused {speedups} ({time.perf_counter() - case_started:.1f} s)", file=log, flush=True)
         report["wall_s"] = time.perf_counter() - started
         if on_case_done is not None:
             on_case_done(report)

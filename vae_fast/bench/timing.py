@@ -78,6 +78,48 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=DEFAULT_LAST_LEVEL_CACHE_BYTES)
 
 
+class OthersCpuShare:
+    """The share of all cores that processes other than `pids` used between start() and share():
+    from /proc/stat's busy time minus those processes' own CPU time. On a shared machine another
+    process that holds a core makes every 2-thread parallel region wait for its time slice (a call
+    of 0.25 ms took 8 ms: benchmarks/small_batch_probe.py), so a row says how busy its cores were.
+    None where /proc is missing."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self._start = None
+
+    @staticmethod
+    def _system() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # busy, total (idle and iowait apart)
+
+    def _own(self) -> int:
+        total = 0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total
+
+    def start(self) -> None:
+        try:
+            self._start = (*self._system(), self._own())
+        except OSError:
+            self._start = None
+
+    def share(self) -> float | None:
+        if self._start is None:
+            return None
+        try:
+            busy, total, own = (*self._system(), self._own())
+        except OSError:
+            return None
+        busy0, total0, own0 = self._start
+        return max(0.0, (busy - busy0) - (own - own0)) / max(1, total - total0)
+
+
 def first_call_seconds(run: Callable[[], object], device: torch.device) -> float:
     """Wall time of one call, to its end on the device: what torch.compile's first call costs."""
     synchronize(device)
@@ -111,14 +153,28 @@ def choose_repetitions(
     return Repetitions(calls, rounds)
 
 
+def warm_for(run: Callable[[], object], seconds: float) -> None:
+    """Untimed calls of `run` for `seconds`, at least one; a run in another process
+    (`baseline_process.RemoteRun`) makes them there."""
+    remote = getattr(run, "warm_for", None)
+    if remote is not None:
+        remote(seconds)
+        return
+    end = time.perf_counter() + seconds
+    run()
+    while time.perf_counter() < end:
+        run()
+
+
 def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetitions: Repetitions,
-                        settle_s: float = 0.0) -> dict[str, list[float]]:
+                        settle_s: float = 0.0, warmup_s: float = 0.0) -> dict[str, list[float]]:
     """Seconds per call, one sample per implementation per round; with settle_s, the machine is left
     idle that long before each sample (contenders in two processes: see baseline_process), then the
-    implementation makes one untimed call: after the idle its worker threads are asleep and the
-    core may have slowed, a cost of the pause, not of the implementation, which a sample of one or
-    two calls (the large sizes) would otherwise carry in full (it made the fastest contender, whose
-    samples are shortest, look up to 2x slower)."""
+    implementation runs untimed for warmup_s (at least one call). After the idle its worker threads
+    are asleep and the cores slowed down, a cost of the pause, not of the implementation: one call
+    was not enough (the logits loss fwd+bwd at B = 128, 2 threads, measured 0.321 ms a call after
+    the pause and one call, 0.200 ms after the pause and 20 ms of calls, 0.209 ms called alone;
+    benchmarks/small_batch_probe.py, 2026-12-04), and a sample of few calls carried it in full."""
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repetitions.rounds):
@@ -127,7 +183,7 @@ def interleaved_samples(runs: dict[str, Callable[[], object]], clock, repetition
             name = names[(round_index + offset) % len(names)]
             if settle_s:
                 time.sleep(settle_s)
-                runs[name]()
+                warm_for(runs[name], warmup_s)
             samples[name].append(clock.seconds_per_call(runs[name], repetitions.calls_per_sample))
     return samples
 
