@@ -259,6 +259,8 @@ VAE_HD T inverse_scale(T s) {
 // Small-argument threshold of the asymptotic series: at y >= 8 the series below, to y^-15 and
 // y^-14, are exact to < 1e-15 relative; smaller arguments are shifted up by 8 (recurrences).
 constexpr double kSeriesMin = 8.0;
+// The smallest positive double: x - it is negative exactly for x = 0 (and -0).
+constexpr double kSmallestDouble = 4.9406564584124654e-324;
 
 // sigmoid(+-a) and softplus(+-a) from e = exp(-|a|), which never overflows.
 template <typename T>
@@ -352,6 +354,7 @@ VAE_HD T digamma_minus_log(T y) {
 // Below 8 the two psit are small enough to subtract.
 template <typename T>
 VAE_HD T digamma_minus_log_difference(T theta, T x, T psit_theta) {
+  if (!any_negative_(T(0) - x)) return x * T(0);  // every x is 0 (or NaN): E = 0 (NaN)
   const T small = theta - T(kSeriesMin);
   const T a = select_nonneg(small, theta, T(kSeriesMin));
   const T p = T(1) / a, q = T(1) / (a + x);
@@ -453,13 +456,17 @@ VAE_HD CountTerm<T> nb_term(T l, T x, const NbTheta<T>& th, const NbParts<T>& pa
   const T d = theta * g.sig - x * g.sig_neg;
   const T u = T(0) - d / theta;
   const T log1pmx_u = log1pmx_(u, parts.log1p_xi - g.sp);
-  const T n = x + theta;
-  const T w = d / x;  // x = 0 lanes: not selected below
-  const T positive = count_nll_core(x, w, log1p_(theta / x) - g.sp_neg) + th.binet - binet(n) +
-                     T(0.5) * parts.log1p_xi - theta * log1pmx_u;
   const T poison = count_domain_poison(x) + (l - l) + (t - t);
   CountTerm<T> c;
-  c.loss = select_nonneg(T(0) - x, theta * g.sp, positive) + poison;
+  c.loss = theta * g.sp;
+  if (any_negative_(T(0) - x)) {  // some x > 0 (zeros, most of a single-cell matrix, skip this)
+    const T n = x + theta;
+    const T w = d / x;  // x = 0 lanes: not selected below
+    const T positive = count_nll_core(x, w, log1p_(theta / x) - g.sp_neg) + th.binet - binet(n) +
+                       T(0.5) * parts.log1p_xi - theta * log1pmx_u;
+    c.loss = select_nonneg(T(0) - x, c.loss, positive);
+  }
+  c.loss = c.loss + poison;
   c.d_recon = d + poison;
   c.d_log_theta = T(0) - theta * (digamma_minus_log_difference(theta, x, th.psit) + log1pmx_u) + poison;
   c.d_zi = T(0);
@@ -489,6 +496,10 @@ VAE_HD T zinb_target_grad(T z, T x, T nb_grad) {
 template <typename T>
 VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   const Logistic<T> gz = logistic(z);
+  const T poison = z - z;
+  if (!any_negative_(x - T(kSmallestDouble))) {  // no x is 0: the x > 0 case alone
+    return {nb.loss + gz.sp + poison, nb.d_recon + poison, nb.d_log_theta + poison, gz.sig + poison};
+  }
   const T A = nb.loss;
   const T c = z + A;
   const Logistic<T> gc = logistic(c);
@@ -497,7 +508,6 @@ VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   const T dz_far = select_nonneg(z, gc.sig_neg - gz.sig_neg, gz.sig - gc.sig);
   const T dz0 = select_nonneg(A - T(1), dz_far, T(0) - gz.sig * gc.sig_neg * expm1_(A));
   const T zero = T(0) - x;  // >= 0: the x = 0 case
-  const T poison = z - z;
   CountTerm<T> r;
   r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;
   r.d_recon = select_nonneg(zero, gc.sig_neg * nb.d_recon, nb.d_recon) + poison;
