@@ -70,7 +70,8 @@ struct ReparameterizeProblem {
 
 enum class Isa { generic, avx2, avx512 };
 
-// The best instruction set this CPU supports; VAE_FAST_CPU_ISA=generic or avx2 caps it (isa.cpp).
+// The instruction set the CPU kernels use: AVX2 where the CPU has it; VAE_FAST_CPU_ISA=avx512 or
+// generic asks for another (isa.cpp).
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 // Whether kernels_avx2.cpp / kernels_avx512.cpp were compiled with their flags (setup.py adds them
