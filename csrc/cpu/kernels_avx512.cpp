@@ -1,6 +1,7 @@
 // AVX-512 CPU kernels (16 float lanes). setup.py compiles this file alone with -mavx512f -mavx512bw
 // -mavx512vl -mavx512dq -mfma -mf16c -mbmi -mbmi2, as kernels_avx2.cpp with its flags (see there why
-// per-file flags and not `#pragma GCC target`); cpu_isa() selects it only on CPUs that have them. The
+// per-file flags and not `#pragma GCC target`); cpu_isa() selects it only when VAE_FAST_CPU_ISA=avx512
+// asks for it on a CPU that has them (isa.cpp says why). The
 // float32 exp/log/reciprocal are avx2_math.h's, a 256-bit half at a time; the rest is at::vec's
 // 512-bit lanes.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
