@@ -29,7 +29,12 @@ ROOT = Path(__file__).parent.resolve()
 BUILD_RECORD = "_build_info.json"
 # Files compiled for one instruction set, with that set's flags added to theirs alone (as PyTorch
 # builds its per-CPU_CAPABILITY files); the run-time check in csrc/cpu/isa.cpp picks among them.
-ISA_SOURCES = {"csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"]}
+ISA_SOURCES = {
+    "csrc/cpu/kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+    "csrc/cpu/kernels_avx512.cpp": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mbmi", "-mbmi2"
+    ],
+}
 
 
 def isa_flags_supported() -> bool:
@@ -55,14 +60,17 @@ class BuildExtension(cpp_extension.BuildExtension):
         self.build_temp = str(ROOT / "build" / f"temp-torch-{torch.__version__}")
 
     def build_extension(self, ext):
-        isa_sources = [src for src in ext.sources if src in ISA_SOURCES] if isa_flags_supported() else []
+        # In ISA_SOURCES's order, narrowest first: see the link-order comment below.
+        isa_sources = [src for src in ISA_SOURCES if src in ext.sources] if isa_flags_supported() else []
         for source in isa_sources:
             cflags = ext.extra_compile_args
             cxx = (cflags["cxx"] if isinstance(cflags, dict) else list(cflags)) + ISA_SOURCES[source]
             # Appended after every portable object on the link line: the AVX2 file's copies of
             # inline functions (std::, c10 Half/BFloat16 helpers) are COMDATs, and GNU ld keeps the
             # first copy it meets, so the portable ones win and the portable path never runs an AVX
-            # instruction (tests/test_portable_cpu.py runs it on an emulated CPU without AVX).
+            # instruction (tests/test_portable_cpu.py runs it on an emulated CPU without AVX). A copy
+            # that only the ISA files emit comes from the AVX2 one, linked before the AVX-512 one, so
+            # the AVX2 path runs no AVX-512 instruction either.
             ext.extra_objects += self.compiler.compile(
                 [source],
                 output_dir=self.build_temp,

@@ -18,13 +18,13 @@ instruction set, because the kernels have two:
 - "lanes": the subject is element 0 of a row of 16 features (or latents) whose other 15 are neutral
   padding (Bernoulli p = 1, x = 1; logit -200, x = 0; Gaussian/Laplace x = recon; mu = logvar = 0), so
   it runs in the vector body, with the AVX2 build's Cephes exp/log, Goldberg log1p, exp_nonpos,
-  log1p_unit series and rcp+Newton reciprocal (csrc/cpu/avx2_math.h), or at::vec's lanes in the
-  generic build;
+  log1p_unit series and rcp+Newton reciprocal (csrc/cpu/avx2_math.h), at::vec's 512-bit (Sleef) lanes
+  in the AVX-512 build, or at::vec's lanes in the generic build;
 - "tail": one feature (recon [N, 1]), which the kernels finish in their scalar tail loop with libm's
   expf/logf/log1pf and a true division: a model whose width is not a multiple of 8 uses it for its
   last elements.
-The generic instruction set is measured in a subprocess with VAE_FAST_CPU_ISA=generic (read once per
-process).
+The other instruction sets are measured in subprocesses with VAE_FAST_CPU_ISA set to each (read once
+per process); one this CPU lacks is left out of the table.
 
 Where the quantity is a sum or difference of terms of opposite sign (d/dx = log(1-p) - log p near
 p = 1/2; the Gaussian/Laplace loss, whose terms are the residual term, s and the constant, where s < 0
@@ -59,9 +59,9 @@ THRESHOLD = 1e-5
 # operations before the final sum or difference.
 ROUNDING_BOUND = 16 * 2.0 ** -24
 KAPPA_SPLIT = 100.0
-LANES = 16  # a padded row: two AVX2 float vectors, at::vec's generic lanes too
+LANES = 16  # a padded row: one AVX-512 float vector, two AVX2 ones, at::vec's generic lanes too
 PATHS = ("lanes", "tail")
-ISAS = ("avx2", "generic")
+ISAS = ("avx512", "avx2", "generic")
 LOG_CLAMP = -100.0  # torch's binary_cross_entropy clamps its logs here ...
 DENOMINATOR_CLAMP = 1e-12  # ... and its gradient's p (1 - p) here
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -478,18 +478,15 @@ def measure(points: int = 2000) -> dict:
 
 def measure_isa(isa: str, points: int) -> dict:
     """measure() on `isa`: in this process if it runs that instruction set, else in a subprocess with
-    VAE_FAST_CPU_ISA set (generic) or unset (avx2)."""
+    VAE_FAST_CPU_ISA=isa. RuntimeError if this CPU (or build) lacks it."""
     if vae_fast.backend_info()["extension"]["cpu_isa"] == isa:
         return measure(points)
-    env = dict(os.environ)
-    env.pop("VAE_FAST_CPU_ISA", None)
-    if isa == "generic":
-        env["VAE_FAST_CPU_ISA"] = "generic"
+    env = dict(os.environ, VAE_FAST_CPU_ISA=isa)
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--json", "--points", str(points)],
                           env=env, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout)
     if result["isa"] != isa:
-        raise RuntimeError(f"asked for the {isa} kernels, the subprocess ran {result['isa']} (CPU without AVX2?)")
+        raise RuntimeError(f"asked for the {isa} kernels, the subprocess ran {result['isa']} (CPU without {isa}?)")
     return result
 
 
@@ -518,6 +515,8 @@ def cell(summary: dict | None, cancellation: bool = False) -> str:
 
 
 def to_markdown(results: dict[str, dict], points: int) -> str:
+    """The report of `results` ({isa: measure()}), one column pair per instruction set measured."""
+    isas = [isa for isa in ISAS if isa in results]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -537,23 +536,25 @@ def to_markdown(results: dict[str, dict], points: int) -> str:
         "where it happens (u = x - recon, s = log_scale).",
         "",
         "Paths: *lanes* = the subject element in the vector body (a row of 16, 15 neutral padding elements); *tail* = "
-        "one feature (recon [N, 1]), computed by the scalar tail loop with libm. avx2 = the AVX2 build (Cephes exp/log, "
-        "Goldberg log1p, exp_nonpos, log1p_unit, rcp + Newton; Sleef expm1); generic = VAE_FAST_CPU_ISA=generic in a "
+        "one feature (recon [N, 1]), computed by the scalar tail loop with libm. avx512 = the AVX-512 build (at::vec's "
+        "Sleef lanes); avx2 = the AVX2 build (Cephes exp/log, Goldberg log1p, exp_nonpos, log1p_unit, rcp + Newton; "
+        "Sleef expm1); generic = the portable build; each but this process's own through VAE_FAST_CPU_ISA in a "
         f"subprocess. kappa = sum |terms| / |result| (condition number of the final sum or difference); rows split at "
         f"kappa = {KAPPA_SPLIT:g}. Near a zero of the result (kappa above that) no float32 evaluation keeps a relative "
         f"bound: those *cancellation* rows pass when error / kappa <= {ROUNDING_BOUND:.2g} (16 float32 roundoffs, "
         "the terms rounded correctly and cancelled exactly).",
         "",
-        "| approximation | formula | inputs | avx2 lanes | avx2 tail | generic lanes | generic tail | passes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| approximation | formula | inputs | " + " | ".join(f"{isa} {path}" for isa in isas for path in PATHS)
+        + " | passes |",
+        "|---|---|---|" + "---|" * (len(isas) * len(PATHS)) + "---|",
     ]
-    base = results[ISAS[0]]["rows"]
-    by_isa = {isa: {r["key"]: r for r in results[isa]["rows"]} for isa in ISAS}
+    base = results[isas[0]]["rows"]
+    by_isa = {isa: {r["key"]: r for r in results[isa]["rows"]} for isa in isas}
     notes = []
     for row in base:
         cells = []
         ok = True
-        for isa in ISAS:
+        for isa in isas:
             for path in PATHS:
                 summary = by_isa[isa][row["key"]]["paths"].get(path)
                 cancellation = row["key"].endswith("_cancel")
@@ -563,14 +564,14 @@ def to_markdown(results: dict[str, dict], points: int) -> str:
                      + f" | {'yes' if ok else '**no**'} |")
         if row["key"].endswith("_cancel"):
             continue  # its notes are the well-conditioned row's
-        beyond = max(s.get("beyond_float32", 0) for isa in ISAS for s in by_isa[isa][row["key"]]["paths"].values())
+        beyond = max(s.get("beyond_float32", 0) for isa in isas for s in by_isa[isa][row["key"]]["paths"].values())
         extra = [row["note"]] if row["note"] else []
         if beyond:
             extra.append(f"{beyond} points whose true value exceeds float32's range left out")
         if extra:
             notes.append(f"- `{row['key']}`: " + "; ".join(extra) + ".")
     lines += ["", "Notes:", ""] + notes
-    failing = [(isa, path, by_isa[isa][r["key"]]) for r in base for isa in ISAS for path in PATHS
+    failing = [(isa, path, by_isa[isa][r["key"]]) for r in base for isa in isas for path in PATHS
                if by_isa[isa][r["key"]]["paths"].get(path)
                and not passes(by_isa[isa][r["key"]]["paths"][path], r["key"].endswith("_cancel"))]
     if failing:
@@ -595,7 +596,12 @@ def main(argv=None) -> int:
     if args.json:
         json.dump(measure(args.points), sys.stdout)
         return 0
-    results = {isa: measure_isa(isa, args.points) for isa in ISAS}
+    results = {}
+    for isa in ISAS:
+        try:
+            results[isa] = measure_isa(isa, args.points)
+        except RuntimeError as e:
+            print(f"left out: {e}", file=sys.stderr)
     out = args.out or Path(__file__).resolve().parent / "results" / f"accuracy-cpu-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_markdown(results, args.points))

@@ -24,7 +24,7 @@ PyObject* cuda_compiled(PyObject*, PyObject*) {
 }
 
 PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use: 'avx2' or 'generic'."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels use: 'avx512', 'avx2' or 'generic'."},
     {"cuda_compiled", cuda_compiled, METH_NOARGS, "Whether this build contains the CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -1,5 +1,5 @@
 // The CPU kernels' entry points. Each is compiled once per instruction set (kernels_generic.cpp,
-// kernels_avx2.cpp) and chosen at run time by cpu_isa().
+// kernels_avx2.cpp, kernels_avx512.cpp) and chosen at run time by cpu_isa().
 #pragma once
 
 #include <ATen/ATen.h>
@@ -68,13 +68,16 @@ struct ReparameterizeProblem {
   uint64_t offset;
 };
 
-enum class Isa { generic, avx2 };
+enum class Isa { generic, avx2, avx512 };
 
-// The best instruction set this CPU supports; VAE_FAST_CPU_ISA=generic forces the portable path.
+// The instruction set the CPU kernels use: AVX2 where the CPU has it; VAE_FAST_CPU_ISA=avx512 or
+// generic asks for another (isa.cpp).
 Isa cpu_isa();
 const char* isa_name(Isa isa);
-// Whether kernels_avx2.cpp was compiled with the AVX2 flags (setup.py adds them on x86-64).
+// Whether kernels_avx2.cpp / kernels_avx512.cpp were compiled with their flags (setup.py adds them
+// on x86-64).
 bool avx2_kernels_built();
+bool avx512_kernels_built();
 
 #define VAE_FAST_DECLARE_KERNELS(ns)                                       \
   namespace ns {                                                           \
@@ -83,6 +86,7 @@ bool avx2_kernels_built();
   }
 VAE_FAST_DECLARE_KERNELS(generic)
 VAE_FAST_DECLARE_KERNELS(avx2)
+VAE_FAST_DECLARE_KERNELS(avx512)
 #undef VAE_FAST_DECLARE_KERNELS
 
 }  // namespace cpu

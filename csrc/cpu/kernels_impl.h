@@ -84,7 +84,7 @@ struct BceAccumulator {
 
 // Whether the build has a one-logarithm path for binary targets (avx2_math.h) worth a per-vector
 // check: elsewhere both logarithms are taken anyway.
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 template <typename S>
 constexpr bool kBinaryTargetPath = std::is_same_v<S, float>;
 #else
@@ -670,7 +670,7 @@ template <typename acc_t>
 void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, acc_t* rad_a, acc_t* ang_a,
                      acc_t* rad_b, acc_t* ang_b) {
   int64_t k = 0;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     k = avx2_detail::philox_uniforms_x8(seed, offset, first, n, rad_a, ang_a, rad_b, ang_b);
   }

@@ -14,7 +14,11 @@ namespace cpu {
 namespace {
 
 void run(const ReparameterizeProblem& p) {
-  if (cpu_isa() == Isa::avx2) avx2::reparameterize(p); else generic::reparameterize(p);
+  switch (cpu_isa()) {
+    case Isa::avx512: return avx512::reparameterize(p);
+    case Isa::avx2: return avx2::reparameterize(p);
+    case Isa::generic: return generic::reparameterize(p);
+  }
 }
 
 }  // namespace

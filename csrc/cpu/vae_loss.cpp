@@ -46,7 +46,10 @@ void run_loss_kernel(const LossCall& call, const std::array<bool, 6>& grad_mask,
   p.row_loss = row_loss.data();
   p.check_recon_range = call.likelihood == math::Likelihood::bernoulli && !logits;
 
-  const LossDomainErrors errors = cpu_isa() == Isa::avx2 ? avx2::vae_loss(p) : generic::vae_loss(p);
+  const Isa isa = cpu_isa();
+  const LossDomainErrors errors = isa == Isa::avx512 ? avx512::vae_loss(p)
+                                  : isa == Isa::avx2 ? avx2::vae_loss(p)
+                                                     : generic::vae_loss(p);
   // Only the Bernoulli blocks flag the first two, only the count blocks the third (the location-scale
   // likelihoods take any real x and recon).
   TORCH_CHECK_VALUE(!errors.recon_outside_unit,

@@ -49,7 +49,7 @@ inline Vec<S> select_nonneg(const Vec<S>& cond, const Vec<S>& if_nonneg, const V
 }  // namespace math
 }  // namespace vae_fast
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include "avx2_math.h"  // float32 overloads that replace the Sleef calls above
 #endif
 
