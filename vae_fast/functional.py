@@ -370,11 +370,13 @@ def _count_loss(recon, x, mu, logvar, likelihood, log_scale, log_theta, zi_logit
     log_theta = _check_count_args(likelihood, logits, log_scale, log_theta, zi_logits, recon)
     theta_tensor = log_theta if isinstance(log_theta, torch.Tensor) else None
     optional = tuple(t for t in (theta_tensor, zi_logits) if t is not None)
-    recon, x, mu, logvar, *optional = _common_dtype(recon, x, mu, logvar, *optional)
+    # Indexing, not `*rest` unpacking + pop: torch 2.11's dynamo makes the starred target a tuple.
+    promoted = _common_dtype(recon, x, mu, logvar, *optional)
+    recon, x, mu, logvar = promoted[:4]
     if theta_tensor is not None:
-        theta_tensor = optional.pop(0)
+        theta_tensor = promoted[4]
     if zi_logits is not None:
-        zi_logits = optional.pop(0)
+        zi_logits = promoted[-1]
     if not _extension.serves(recon.device):
         log_theta = theta_tensor if theta_tensor is not None else log_theta
         return reference.vae_loss(recon, x, mu, logvar, likelihood=likelihood, log_theta=log_theta,
