@@ -51,7 +51,7 @@ import torch
 import vae_fast
 from vae_fast import VAE
 from vae_fast.baselines import ExampleVAE, example_loss_function
-from vae_fast.bench.training import train_step_contenders
+from vae_fast.bench.training import train_step_contenders, vae_fast_model
 from vae_fast.train_step import TrainStep, make_optimizer
 from vae_fast.cli import _positive_ints as positive_ints
 from vae_fast.data import load_dataset
@@ -59,18 +59,6 @@ from vae_fast.data import load_dataset
 REPO = Path(__file__).resolve().parents[1]
 BATCH_SIZE, LR = 128, 1e-3
 TRAIN_COMMAND = "vae-fast train's step (TrainStep: logits, fused loss, fused Adam)"
-
-
-def _vae_from_example(example: ExampleVAE) -> VAE:
-    """vae_fast.VAE holding the example's initial weights (both heads stacked into one layer)."""
-    model = VAE()
-    with torch.no_grad():
-        for ours, theirs in ((model.encoder[0], example.fc1), (model.decoder[0], example.fc3), (model.decoder[2], example.fc4)):
-            ours.weight.copy_(theirs.weight)
-            ours.bias.copy_(theirs.bias)
-        model.encoder_heads.weight.copy_(torch.cat([example.fc21.weight, example.fc22.weight]))
-        model.encoder_heads.bias.copy_(torch.cat([example.fc21.bias, example.fc22.bias]))
-    return model
 
 
 def _step_drop_in(model, loss_fn):
@@ -146,15 +134,15 @@ def _variants(device: torch.device) -> dict:
     """name -> (model, step). The first is the baseline every ratio is taken against."""
     example = ExampleVAE().to(device)
     variants = {"example VAE + example loss_function": (example, EagerStep)}
-    drop_in, logits_path = _vae_from_example(example).to(device), _vae_from_example(example).to(device)
+    drop_in, logits_path = vae_fast_model("mlp", example).to(device), vae_fast_model("mlp", example).to(device)
     variants["vae_fast.VAE + vae_fast.loss_function (drop-in)"] = (drop_in, EagerStep)
     variants["vae_fast.VAE.forward_logits + vae_loss(logits=True)"] = (logits_path, EagerStep)
-    variants[TRAIN_COMMAND] = (_vae_from_example(example).to(device), TrainCommandStep)
+    variants[TRAIN_COMMAND] = (vae_fast_model("mlp", example).to(device), TrainCommandStep)
     if device.type == "cuda":
         captured_example = ExampleVAE().to(device)
         captured_example.load_state_dict(example.state_dict())
         variants["example, whole step captured in a CUDA graph"] = (captured_example, _captured)
-        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (_vae_from_example(example).to(device), _captured)
+        variants["vae_fast drop-in, whole step captured in a CUDA graph"] = (vae_fast_model("mlp", example).to(device), _captured)
     loss_of_batch = {
         name: _step_logits(model) if "forward_logits" in name
         else _step_drop_in(model, example_loss_function if isinstance(model, ExampleVAE) else vae_fast.loss_function)
