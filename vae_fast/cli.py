@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -195,6 +196,29 @@ def _check_count_flags(args) -> None:
                          "the other likelihoods have no dispersion")
 
 
+@contextlib.contextmanager
+def _process_group_of_this_command():
+    """Under torchrun, train() joins a process group; the command is the process, so it leaves the
+    group before the interpreter exits. Left to interpreter teardown, gloo's worker threads can be
+    destroyed while joinable, and a rank dies of SIGABRT ("terminate called without an active
+    exception", pytorch/pytorch#190489) after training and its checkpoint went well. After a
+    normal end the ranks meet first, so that none closes its connections under another's last
+    collective; after an error they leave at once (a barrier could wait on a rank that is gone)."""
+    import torch.distributed as dist
+
+    available = dist.is_available()
+    ours = available and not dist.is_initialized()
+    try:
+        yield
+    except BaseException:
+        if ours and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if ours and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _train(args) -> int:
     from .model import COUNT_LIKELIHOODS
     from .training import TrainConfig, train
@@ -214,7 +238,8 @@ def _train(args) -> int:
             seed=args.seed, out=args.out, resume=args.resume, compile=args.compile, bf16=args.bf16,
             cuda_graph=args.cuda_graph, progress=not args.quiet,
         )
-        train(config)
+        with _process_group_of_this_command():
+            train(config)
         if not args.quiet:
             print(f"metrics, checkpoint and images in {args.out}/")
 
