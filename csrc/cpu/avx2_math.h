@@ -194,62 +194,6 @@ inline __m256 log1p_unit(__m256 e) {
   return _mm256_mul_ps(_mm256_add_ps(s, s), series);
 }
 
-// 32 x 32 -> 64-bit products of 8 lanes by the constant m: low and high halves.
-inline void mulhilo(__m256i a, __m256i m, __m256i& lo, __m256i& hi) {
-  const __m256i even = _mm256_mul_epu32(a, m);                      // lanes 0, 2, 4, 6
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-inline __m256 uniform_from_top24(__m256i bits, int plus) {
-  const __m256i top = _mm256_add_epi32(_mm256_srli_epi32(bits, 8), _mm256_set1_epi32(plus));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(5.9604644775390625e-8f));
-}
-
-// Philox4x32-10 for the 8 subsequences first .. first+7 at once, the same function as the scalar
-// math::philox4x32_10, turned into the same float uniforms as math::uniform_*: radius/angle of
-// word pair (0, 1) into rad_a/ang_a, of pair (2, 3) into rad_b/ang_b. Returns how many blocks it
-// filled (a multiple of 8); the caller does the rest with the scalar version.
-inline int64_t philox_uniforms_x8(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, float* rad_a,
-                                  float* ang_a, float* rad_b, float* ang_b) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i w0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B9u));
-  const __m256i w1 = _mm256_set1_epi32(static_cast<int>(0xBB67AE85u));
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const uint64_t sub = first + static_cast<uint64_t>(k);
-    const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(sub)));
-    __m256i c2 = _mm256_add_epi32(base_lo, lanes);
-    // a lane whose low word wrapped carries into the high word (unsigned compare via the sign flip)
-    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(c2, sign));
-    __m256i c3 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(sub >> 32))), wrapped);
-    __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-    __m256i k0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
-    __m256i k1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed >> 32)));
-    for (int round = 0; round < 10; ++round) {
-      __m256i lo0, hi0, lo1, hi1;
-      mulhilo(c0, m0, lo0, hi0);
-      mulhilo(c2, m1, lo1, hi1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
-      c1 = lo1;
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
-      c3 = lo0;
-      k0 = _mm256_add_epi32(k0, w0);
-      k1 = _mm256_add_epi32(k1, w1);
-    }
-    _mm256_storeu_ps(rad_a + k, uniform_from_top24(c0, 1));
-    _mm256_storeu_ps(ang_a + k, uniform_from_top24(c1, 0));
-    _mm256_storeu_ps(rad_b + k, uniform_from_top24(c2, 1));
-    _mm256_storeu_ps(ang_b + k, uniform_from_top24(c3, 0));
-  }
-  return k;
-}
-
 }  // namespace avx2_detail
 
 #if defined(CPU_CAPABILITY_AVX2)

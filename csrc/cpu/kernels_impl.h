@@ -4,6 +4,9 @@
 
 #include "kernels.h"
 #include "vec_primitives.h"
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include "avx2_noise.h"  // reparameterize's float32 normals, 32 at a time
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -669,13 +672,7 @@ LossDomainErrors vae_loss(const LossProblem& p) {
 template <typename acc_t>
 void philox_uniforms(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, acc_t* rad_a, acc_t* ang_a,
                      acc_t* rad_b, acc_t* ang_b) {
-  int64_t k = 0;
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    k = avx2_detail::philox_uniforms_x8(seed, offset, first, n, rad_a, ang_a, rad_b, ang_b);
-  }
-#endif
-  for (; k < n; ++k) {
+  for (int64_t k = 0; k < n; ++k) {
     const Philox4 bits = philox4x32_10(seed, offset, first + static_cast<uint64_t>(k));
     rad_a[k] = uniform_open_closed<acc_t>(bits.v[0]);
     ang_a[k] = uniform_closed_open<acc_t>(bits.v[1]);
@@ -701,6 +698,31 @@ void box_muller_span(const acc_t* u_radius, const acc_t* u_angle, int64_t n, acc
 // Elements handled by one task: a multiple of the 4 normals one Philox block gives.
 constexpr int64_t kNoiseChunk = 1024;
 
+// eps[0 .. n) of the chunk whose first Philox block is first_block (n <= kNoiseChunk; eps holds
+// kNoiseChunk). float32 draws whole groups of 8 blocks in registers (avx2_noise.h); the rest, and
+// every block of another precision or of the generic build, step by step through scratch arrays.
+template <typename acc_t>
+void draw_normals(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t n, acc_t* eps) {
+  const int64_t n_blocks = (n + kNormalsPerPhiloxBlock - 1) / kNormalsPerPhiloxBlock;
+  int64_t done = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) done = avx2_detail::standard_normals(seed, offset, first_block, n_blocks, eps);
+#endif
+  if (done == n_blocks) return;
+  constexpr int64_t kBlocks = kNoiseChunk / kNormalsPerPhiloxBlock;
+  acc_t rad_a[kBlocks] = {}, ang_a[kBlocks] = {}, rad_b[kBlocks] = {}, ang_b[kBlocks] = {};  // = {}: GCC cannot see that philox_uniforms fills them
+  acc_t first_a[kBlocks], second_a[kBlocks], first_b[kBlocks], second_b[kBlocks];
+  const int64_t rest = n_blocks - done;
+  philox_uniforms(seed, offset, first_block + static_cast<uint64_t>(done), rest, rad_a, ang_a, rad_b, ang_b);
+  box_muller_span(rad_a, ang_a, rest, first_a, second_a);
+  box_muller_span(rad_b, ang_b, rest, first_b, second_b);
+  for (int64_t k = 0; k < rest; ++k) {
+    const acc_t normals[4] = {first_a[k], second_a[k], first_b[k], second_b[k]};
+    const int64_t at = kNormalsPerPhiloxBlock * (done + k);
+    for (int64_t j = 0; j < kNormalsPerPhiloxBlock && at + j < n; ++j) eps[at + j] = normals[j];
+  }
+}
+
 template <NoiseUse kUse, typename scalar_t>
 void reparameterize_typed(const ReparameterizeProblem& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -712,22 +734,11 @@ void reparameterize_typed(const ReparameterizeProblem& p) {
   const int64_t n_chunks = (p.numel + kNoiseChunk - 1) / kNoiseChunk;
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / (4 * kNoiseChunk));
   at::parallel_for(0, n_chunks, grain, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kBlocks = kNoiseChunk / kNormalsPerPhiloxBlock;
-    acc_t rad_a[kBlocks], ang_a[kBlocks], rad_b[kBlocks], ang_b[kBlocks];
-    acc_t first_a[kBlocks], second_a[kBlocks], first_b[kBlocks], second_b[kBlocks];
     acc_t eps[kNoiseChunk], a_buf[kNoiseChunk], b_buf[kNoiseChunk], out_buf[kNoiseChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t start = c * kNoiseChunk;
       const int64_t n = std::min(kNoiseChunk, p.numel - start);
-      const int64_t n_blocks = (n + kNormalsPerPhiloxBlock - 1) / kNormalsPerPhiloxBlock;
-      philox_uniforms(p.seed, p.offset, static_cast<uint64_t>(start / kNormalsPerPhiloxBlock), n_blocks, rad_a,
-                      ang_a, rad_b, ang_b);
-      box_muller_span(rad_a, ang_a, n_blocks, first_a, second_a);
-      box_muller_span(rad_b, ang_b, n_blocks, first_b, second_b);
-      for (int64_t k = 0; k < n_blocks; ++k) {
-        const acc_t normals[4] = {first_a[k], second_a[k], first_b[k], second_b[k]};
-        for (int64_t j = 0; j < kNormalsPerPhiloxBlock && 4 * k + j < n; ++j) eps[4 * k + j] = normals[j];
-      }
+      draw_normals(p.seed, p.offset, static_cast<uint64_t>(start / kNormalsPerPhiloxBlock), n, eps);
 
       acc_t* o = acc_destination(out + start, out_buf);
       if constexpr (kUse == NoiseUse::noise) {
