@@ -7,6 +7,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "output_alloc.h"
+
 #include <array>
 #include <vector>
 #include <optional>
@@ -275,7 +277,7 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     }
     if (!first) {
       for (size_t i = 0; i < grads.size(); ++i) {
-        if (grad_mask[i]) grads[i] = at::empty_like(grads[i], at::MemoryFormat::Contiguous);
+        if (grad_mask[i]) grads[i] = empty_output(grads[i].sizes(), grads[i].options());
       }
     }
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };

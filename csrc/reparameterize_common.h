@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include "output_alloc.h"
+
 namespace vae_fast {
 
 inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& logvar) {
@@ -18,7 +20,7 @@ inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& 
 
 // A contiguous tensor of t's shape and options (the kernels index outputs as flat arrays).
 inline at::Tensor empty_like_contiguous(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  return empty_output(t.sizes(), t.options());
 }
 
 // The noise state of one reparameterize call: int64 [seed, offset], on the data's device.

@@ -5,6 +5,7 @@
 #include <c10/util/string_view.h>
 
 #include "likelihood.h"
+#include "output_alloc.h"
 
 #include <algorithm>
 #include <array>
@@ -129,8 +130,7 @@ inline at::ScalarType loss_dtype(at::ScalarType input) {
 
 // Empty placeholder for a gradient that was not asked for (the op always returns six tensors).
 inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
-  return wanted ? at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous))
-                : at::empty({0}, t.options());
+  return wanted ? empty_output(t.sizes(), t.options()) : at::empty({0}, t.options());
 }
 
 // What every device's host function starts from: checked arguments, contiguous inputs, and the
@@ -202,7 +202,7 @@ inline LossCall prepare_loss_call(const at::Tensor& recon, const at::Tensor& x, 
   call.grad_zi_logits = zi_logits.has_value() ? maybe_grad_like(*zi_logits, grad_mask[5]) : at::empty({0}, recon.options());
   call.grad_log_scale_per_element = grad_mask[4] && call.reduction == Reduction::none;
   if (call.grad_log_scale_per_element) {
-    call.grad_log_scale = at::empty(recon.sizes(), recon.options().dtype(loss_dtype(recon.scalar_type())));
+    call.grad_log_scale = empty_output(recon.sizes(), recon.options().dtype(loss_dtype(recon.scalar_type())));
   } else {
     call.grad_log_scale = log_scale.has_value() ? maybe_grad_like(*log_scale, grad_mask[4]) : at::empty({0}, recon.options());
   }
