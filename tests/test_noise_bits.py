@@ -1,6 +1,6 @@
 """reparameterize's noise, element by element, against Philox4x32-10 and Box-Muller written here in
 numpy and float64 (not the kernels' code): the counter-based bits, which block and word each element
-takes, and the float32 sin/cos/log of the vector path (avx2_noise.h: 32 elements at a time, its own
+takes, and the float32 sin/cos/log of the vector path (avx2_noise.h: 64 elements at a time, its own
 quadrant-reduced sin and cos of 2 pi u) and of the scalar tail. The statistical tests of
 test_independent_checks.py would not see a wrong sign in one quadrant or two swapped elements."""
 

@@ -1,4 +1,4 @@
-// Standard normal noise for reparameterize, 32 elements at a time in AVX2 registers: Philox4x32-10
+// Standard normal noise for reparameterize, 64 elements at a time in AVX2 registers: Philox4x32-10
 // for 8 subsequences at once (the same function as math::philox4x32_10), Box-Muller with an inline
 // sin/cos of 2 pi u, and a 4 x 8 transpose into the elements' order. Element i takes its normal from
 // Philox block i / 4 exactly as the scalar path does (math::kNormalsPerPhiloxBlock), so only the
@@ -31,8 +31,21 @@ inline __m256 uniform_from_top24(__m256i bits, int plus) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(5.9604644775390625e-8f));
 }
 
+// The key of each of Philox's 10 rounds, broadcast: the same for every block of a call, so they are
+// made once per call instead of two additions per round and block group.
+struct PhiloxRoundKeys {
+  __m256i k0[10], k1[10];
+  explicit PhiloxRoundKeys(uint64_t seed) {
+    uint32_t a = static_cast<uint32_t>(seed), b = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round, a += 0x9E3779B9u, b += 0xBB67AE85u) {
+      k0[round] = _mm256_set1_epi32(static_cast<int>(a));
+      k1[round] = _mm256_set1_epi32(static_cast<int>(b));
+    }
+  }
+};
+
 // Philox4x32-10 of the 8 subsequences first .. first+7 at one offset: word w of lane j in c[w].
-inline void philox_x8(uint64_t seed, uint64_t offset, uint64_t first, __m256i c[4]) {
+inline void philox_x8(const PhiloxRoundKeys& keys, uint64_t offset, uint64_t first, __m256i c[4]) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first)));
@@ -42,22 +55,16 @@ inline void philox_x8(uint64_t seed, uint64_t offset, uint64_t first, __m256i c[
   __m256i c3 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first >> 32))), wrapped);
   __m256i c0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
   __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  __m256i k0 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed)));
-  __m256i k1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(seed >> 32)));
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m256i w0 = _mm256_set1_epi32(static_cast<int>(0x9E3779B9u));
-  const __m256i w1 = _mm256_set1_epi32(static_cast<int>(0xBB67AE85u));
   for (int round = 0; round < 10; ++round) {
     __m256i lo0, hi0, lo1, hi1;
     mulhilo(c0, m0, lo0, hi0);
     mulhilo(c2, m1, lo1, hi1);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), keys.k0[round]);
     c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), keys.k1[round]);
     c3 = lo0;
-    k0 = _mm256_add_epi32(k0, w0);
-    k1 = _mm256_add_epi32(k1, w1);
   }
   c[0] = c0, c[1] = c1, c[2] = c2, c[3] = c3;
 }
@@ -105,15 +112,9 @@ inline void box_muller_x8(__m256i radius_bits, __m256i angle_bits, __m256& first
   second = _mm256_mul_ps(radius, sine);
 }
 
-// The 32 normals of Philox blocks first .. first+7 in element order: block k's four normals are
-// elements 4k .. 4k+3 (pair (0, 1), then pair (2, 3)).
-inline void standard_normals_x32(uint64_t seed, uint64_t offset, uint64_t first, float* out) {
-  __m256i c[4];
-  philox_x8(seed, offset, first, c);
-  __m256 a0, a1, b0, b1;  // lane j: block j's normals 0, 1, 2, 3
-  box_muller_x8(c[0], c[1], a0, a1);
-  box_muller_x8(c[2], c[3], b0, b1);
-  // 4 x 8 transpose: within each 128-bit half, unpack pairs then quads ...
+// Blocks j and j + 4 of a group of 8 (lane j of each normal's vector) side by side, in the order
+// of their elements: a 4 x 8 transpose, first within each 128-bit half (pairs, then quads) ...
+inline void store_in_element_order(__m256 a0, __m256 a1, __m256 b0, __m256 b1, float* out) {
   const __m256 ab_lo = _mm256_unpacklo_ps(a0, a1), ab_hi = _mm256_unpackhi_ps(a0, a1);  // a0_j a1_j a0_j+1 a1_j+1
   const __m256 cd_lo = _mm256_unpacklo_ps(b0, b1), cd_hi = _mm256_unpackhi_ps(b0, b1);
   const __m256 block0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab_lo), _mm256_castps_pd(cd_lo)));  // 0, 4
@@ -127,11 +128,29 @@ inline void standard_normals_x32(uint64_t seed, uint64_t offset, uint64_t first,
   _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(block2, block3, 0x31));
 }
 
-// The normals of n_blocks Philox blocks from `first` into out (4 per block), in groups of 8 blocks;
-// returns how many blocks it filled (a multiple of 8): the caller draws the rest with the scalar path.
+// The 64 normals of Philox blocks first .. first+15 in element order: block k's four normals are
+// elements 4k .. 4k+3 (pair (0, 1), then pair (2, 3)). Two groups of 8 blocks at once: the log and
+// sin/cos polynomials are chains of dependent FMAs, and a second group's gives the core other work
+// while one waits.
+inline void standard_normals_x64(const PhiloxRoundKeys& keys, uint64_t offset, uint64_t first, float* out) {
+  __m256i c[4], d[4];
+  philox_x8(keys, offset, first, c);
+  philox_x8(keys, offset, first + 8, d);
+  __m256 a0, a1, b0, b1, e0, e1, f0, f1;  // lane j: block j's normals 0, 1, 2, 3 (a, b; e, f: + 8)
+  box_muller_x8(c[0], c[1], a0, a1);
+  box_muller_x8(d[0], d[1], e0, e1);
+  box_muller_x8(c[2], c[3], b0, b1);
+  box_muller_x8(d[2], d[3], f0, f1);
+  store_in_element_order(a0, a1, b0, b1, out);
+  store_in_element_order(e0, e1, f0, f1, out + 32);
+}
+
+// The normals of n_blocks Philox blocks from `first` into out (4 per block), in groups of 16 blocks;
+// returns how many blocks it filled (a multiple of 16): the caller draws the rest with the scalar path.
 inline int64_t standard_normals(uint64_t seed, uint64_t offset, uint64_t first, int64_t n_blocks, float* out) {
+  const PhiloxRoundKeys keys(seed);
   int64_t k = 0;
-  for (; k + 8 <= n_blocks; k += 8) standard_normals_x32(seed, offset, first + static_cast<uint64_t>(k), out + 4 * k);
+  for (; k + 16 <= n_blocks; k += 16) standard_normals_x64(keys, offset, first + static_cast<uint64_t>(k), out + 4 * k);
   return k;
 }
 
