@@ -113,3 +113,13 @@ def test_vae_fast_huge_pages_0_turns_it_off():
     env = {**os.environ, "VAE_FAST_HUGE_PAGES": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert int(out) != 0  # glibc's mmapped block starts after its header, never on a 2 MiB boundary
+
+
+def test_large_output_under_inference_mode_and_no_grad():
+    mu, logvar = torch.randn(2**17, 64), torch.randn(2**17, 64)
+    with torch.inference_mode():
+        z = vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
+    assert z.is_inference() and z.data_ptr() % HUGE_PAGE == 0
+    with torch.no_grad():
+        again = vae_fast.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(z, again)
