@@ -514,6 +514,12 @@ def cell(summary: dict | None, cancellation: bool = False) -> str:
     return f"{summary['max']:.2e}{over}{mark} at {summary['at']}"
 
 
+def failing_cells(results: dict[str, dict]) -> int:
+    """How many (instruction set, row, path) cells of `results` fail their bound: the exit status's."""
+    return sum(1 for isa in results for row in results[isa]["rows"] for summary in row["paths"].values()
+               if summary and not passes(summary, row["key"].endswith("_cancel")))
+
+
 def to_markdown(results: dict[str, dict], points: int) -> str:
     """The report of `results` ({isa: measure()}), one column pair per instruction set measured."""
     isas = [isa for isa in ISAS if isa in results]
@@ -606,6 +612,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(to_markdown(results, args.points))
     print(out)
+    failures = failing_cells(results)
+    if failures:
+        print(f"{failures} cells above their bound (marked **!** in {out})", file=sys.stderr)
+        return 1
     return 0
 
 

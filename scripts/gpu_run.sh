@@ -97,7 +97,7 @@ train_step_benchmark() {
   if [ $left -le 60 ]; then echo "no time left for it"; return; fi
   timeout $left python3 benchmarks/bench_vae_training.py --suite train-step --device cuda --batch-sizes 128,1024 \
     --epochs 5 --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
-  ended train-step-benchmark $?
+  ended train-step-benchmark "${PIPESTATUS[0]}"  # the benchmark's status, not grep's
 }
 if [ "${1:-}" = train-step ]; then  # issue 19's GPU check: this suite right after the CUDA tests
   train_step_benchmark 570
@@ -108,7 +108,7 @@ fi
 stage "training benchmark (real MNIST, batch 128 and 1024)"
 timeout 80 python3 benchmarks/bench_vae_training.py --device cuda --batch-sizes 128,1024 --epochs 10 \
   --data-dir "$mnist" --out "$out/results" | grep -v "^epoch"
-ended training-benchmark $?
+ended training-benchmark "${PIPESTATUS[0]}"
 
 stage "kernel benchmark (float32, the issue's target sizes)"
 left=$((400 - (SECONDS - started))); [ $left -gt 30 ] || left=30

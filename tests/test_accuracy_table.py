@@ -98,6 +98,7 @@ def test_a_row_that_measured_nothing_fails(table, results):
     text = table.to_markdown(as_measured, POINTS)
     assert text.count(" | **no** |") == 1 and text.count(" | yes |") == len(ROWS) - 1
     assert "- `laplace_elem_loss_cancel` generic lanes: no points (the sweep measured nothing)" in text
+    assert table.failing_cells(as_measured) == 1  # main()'s exit status is 1 then
 
 
 def test_former_defects_stay_fixed(table):
@@ -130,5 +131,6 @@ def test_markdown_names_every_row(table, results, tmp_path):
     assert text.count("\n| ") == 1 + len(ROWS)  # header + one line per row
     assert text.count(" | yes |") == len(ROWS)  # every row passes, and says so
     assert "Rows that fail" not in text
+    assert table.failing_cells(as_measured) == 0
     assert table.main(["--points", "8", "--out", str(tmp_path / "acc.md")]) == 0
     assert (tmp_path / "acc.md").read_text().startswith("# Accuracy of vae_fast")
