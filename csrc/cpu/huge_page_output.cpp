@@ -21,6 +21,7 @@
 namespace vae_fast {
 namespace {
 
+#if defined(__linux__)
 constexpr size_t kHugePage = size_t{2} << 20;
 
 bool huge_pages_enabled() {
@@ -31,7 +32,6 @@ bool huge_pages_enabled() {
   return enabled;
 }
 
-#if defined(__linux__)
 struct Mapping {
   void* base;
   size_t length;
