@@ -277,7 +277,7 @@ class VaeLoss : public torch::autograd::Function<VaeLoss> {
     }
     if (!first) {
       for (size_t i = 0; i < grads.size(); ++i) {
-        if (grad_mask[i]) grads[i] = empty_output(grads[i].sizes(), grads[i].options());
+        if (grad_mask[i]) grads[i] = empty_like_contiguous(grads[i]);
       }
     }
     const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };

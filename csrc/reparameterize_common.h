@@ -3,7 +3,7 @@
 
 #include <ATen/ATen.h>
 
-#include "output_alloc.h"
+#include "output_alloc.h"  // empty_like_contiguous
 
 namespace vae_fast {
 
@@ -16,11 +16,6 @@ inline void check_reparameterize_inputs(const at::Tensor& mu, const at::Tensor& 
                     mu.sizes(), " and ", logvar.sizes());
   TORCH_CHECK_VALUE(mu.device() == logvar.device(), "reparameterize: mu is on ", mu.device(),
                     " but logvar is on ", logvar.device());
-}
-
-// A contiguous tensor of t's shape and options (the kernels index outputs as flat arrays).
-inline at::Tensor empty_like_contiguous(const at::Tensor& t) {
-  return empty_output(t.sizes(), t.options());
 }
 
 // The noise state of one reparameterize call: int64 [seed, offset], on the data's device.

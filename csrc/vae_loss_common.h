@@ -130,7 +130,7 @@ inline at::ScalarType loss_dtype(at::ScalarType input) {
 
 // Empty placeholder for a gradient that was not asked for (the op always returns six tensors).
 inline at::Tensor maybe_grad_like(const at::Tensor& t, bool wanted) {
-  return wanted ? empty_output(t.sizes(), t.options()) : at::empty({0}, t.options());
+  return wanted ? empty_like_contiguous(t) : at::empty({0}, t.options());
 }
 
 // What every device's host function starts from: checked arguments, contiguous inputs, and the

@@ -46,11 +46,10 @@ void unmap(void* context) {
 
 }  // namespace
 
-at::Tensor empty_huge_page_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor empty_huge_page_cpu(at::IntArrayRef sizes, const at::TensorOptions& options, size_t bytes) {
   const auto contiguous = options.memory_format(at::MemoryFormat::Contiguous);
 #if defined(__linux__)
   if (!huge_pages_enabled()) return at::empty(sizes, contiguous);
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(options.dtype().toScalarType());
   // One huge page more than needed, so that the data can start on a 2 MiB boundary.
   const size_t length = bytes + kHugePage;
   void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

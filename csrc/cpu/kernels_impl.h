@@ -5,7 +5,7 @@
 #include "kernels.h"
 #include "vec_primitives.h"
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include "avx2_noise.h"  // reparameterize's float32 normals, 32 at a time
+#include "avx2_noise.h"  // reparameterize's float32 normals, 64 at a time
 #endif
 
 #include <ATen/Dispatch.h>
@@ -699,7 +699,7 @@ void box_muller_span(const acc_t* u_radius, const acc_t* u_angle, int64_t n, acc
 constexpr int64_t kNoiseChunk = 1024;
 
 // eps[0 .. n) of the chunk whose first Philox block is first_block (n <= kNoiseChunk; eps holds
-// kNoiseChunk). float32 draws whole groups of 8 blocks in registers (avx2_noise.h); the rest, and
+// kNoiseChunk). float32 draws whole groups of 16 blocks in registers (avx2_noise.h); the rest, and
 // every block of another precision or of the generic build, step by step through scratch arrays.
 template <typename acc_t>
 void draw_normals(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t n, acc_t* eps) {
