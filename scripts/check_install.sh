@@ -35,11 +35,15 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 main_python=${MAIN_PYTHON:-$repo/.venv/bin/python}
 test_workers=${VAE_FAST_TEST_WORKERS:-$(nproc)}
 started=$SECONDS
-step() { echo "=== [$((SECONDS - started)) s] $*"; }
+# Each stage also prints the free disk: three torch installs of 5-6 GB each pass through here, and a
+# run that fails with "No space left on device" should show where the space went.
+step() { echo "=== [$((SECONDS - started)) s, $(df -h --output=avail "$work" | tail -1 | tr -d ' ') free] $*"; }
 
 fresh_venv() {  # fresh_venv DIR TORCH_SPEC
   "$python" -m venv "$1"
-  "$1/bin/pip" install -q "$2" "setuptools>=64" wheel ninja build
+  # --no-cache-dir: a torch that is not on this machine's disk (2.11) is downloaded, and pip would
+  # keep a second copy of its 3-4 GB of wheels in ~/.cache/pip that nothing reads again.
+  "$1/bin/pip" install -q --no-cache-dir "$2" "setuptools>=64" wheel ninja build
 }
 
 smoke() {  # smoke VENV NAME: the installed package, from outside the checkout
@@ -127,6 +131,8 @@ install_paths() {
   fresh_venv "$work/venv-user" "$torch_spec"
   install_sdist
   install_wheel
+  # The next venv (the oldest torch) needs as much disk again: this one has been checked.
+  rm -rf "$work/venv-user" "$work"/train-*
 }
 
 oldest_torch_check() {
