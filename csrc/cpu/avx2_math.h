@@ -1,5 +1,5 @@
 // Inline AVX2 float32 exp, log and log1p for the loss kernels' hot loop (the AVX-512 build's too, a
-// half vector at a time). at::vec's versions call
+// half vector at a time; the double log and log1p of avx2_log_double.h likewise). at::vec's versions call
 // out to Sleef (a function call plus special-case handling per vector), which made them most of
 // the kernel's time; these are the Cephes polynomials (Moshier), ~1 ulp in the range that matters,
 // with the special values the loss relies on: log(0) = -inf, NaN in -> NaN out, denormals handled,
@@ -8,6 +8,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
+
+#include "avx2_log_double.h"  // the double log/log1p of the count kernels
 
 namespace vae_fast {
 namespace math {
@@ -209,6 +211,8 @@ inline Vec<float> log_binary_likelihood_clamped_(const Vec<float>& p, const Vec<
   return Vec<float>(avx2_detail::log_binary_likelihood_clamped(p, x));
 }
 inline bool all_binary_(const Vec<float>& x) { return avx2_detail::all_binary(x); }
+inline Vec<double> log_(const Vec<double>& v) { return Vec<double>(avx2_log_double::log(v)); }
+inline Vec<double> log1p_(const Vec<double>& v) { return Vec<double>(avx2_log_double::log1p(v)); }
 #elif defined(CPU_CAPABILITY_AVX512)
 // The AVX-512 build's 16 float lanes run these primitives one 256-bit half at a time: per element
 // the same bits as the AVX2 build (so the same accuracy table), without at::vec's Sleef call per
@@ -222,6 +226,12 @@ template <__m256 (*F)(__m256)>
 inline Vec<float> by_halves(const Vec<float>& v) {
   const __m512 w = v;
   return Vec<float>(join(F(low_half(w)), F(high_half(w))));
+}
+
+template <__m256d (*F)(__m256d)>
+inline Vec<double> by_halves(const Vec<double>& v) {
+  const __m512d w = v;
+  return Vec<double>(_mm512_insertf64x4(_mm512_castpd256_pd512(F(_mm512_castpd512_pd256(w))), F(_mm512_extractf64x4_pd(w, 1)), 1));
 }
 }  // namespace avx512_detail
 
@@ -247,6 +257,8 @@ inline bool all_binary_(const Vec<float>& x) {
   const __m512 w = x;
   return avx2_detail::all_binary(avx512_detail::low_half(w)) && avx2_detail::all_binary(avx512_detail::high_half(w));
 }
+inline Vec<double> log_(const Vec<double>& v) { return avx512_detail::by_halves<avx2_log_double::log>(v); }
+inline Vec<double> log1p_(const Vec<double>& v) { return avx512_detail::by_halves<avx2_log_double::log1p>(v); }
 #endif
 
 }  // namespace VAE_FAST_ISA
