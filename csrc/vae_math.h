@@ -262,25 +262,39 @@ constexpr double kSeriesMin = 8.0;
 // The smallest positive double: x - it is negative exactly for x = 0 (and -0).
 constexpr double kSmallestDouble = 4.9406564584124654e-324;
 
-// sigmoid(+-a) and softplus(+-a) from e = exp(-|a|), which never overflows.
+// sigmoid(+-a) from e = exp(-|a|), which never overflows; e is kept for a softplus of a later.
+template <typename T>
+struct Sigmoids {
+  T sig;      // sigmoid(a)
+  T sig_neg;  // sigmoid(-a) = 1 - sigmoid(a), without the cancellation
+  T e;        // exp(-|a|)
+};
+
+template <typename T>
+VAE_HD Sigmoids<T> sigmoids(T a) {
+  const T one(1);
+  const T e = exp_(T(0) - abs_(a));
+  const T big = one / (one + e);
+  const T small = e * big;
+  return {select_nonneg(a, big, small), select_nonneg(a, small, big), e};
+}
+
+// sigmoid(+-a) and softplus(+-a).
 template <typename T>
 struct Logistic {
   T sig;      // sigmoid(a)
-  T sig_neg;  // sigmoid(-a) = 1 - sigmoid(a), without the cancellation
+  T sig_neg;  // sigmoid(-a)
   T sp;       // softplus(a) = log(1 + e^a)
   T sp_neg;   // softplus(-a) = softplus(a) - a
 };
 
 template <typename T>
 VAE_HD Logistic<T> logistic(T a) {
-  const T one(1);
-  const T e = exp_(T(0) - abs_(a));
-  const T big = one / (one + e);
-  const T small = e * big;
-  const T tail = log1p_(e);
+  const Sigmoids<T> s = sigmoids(a);
+  const T tail = log1p_(s.e);
   Logistic<T> g;
-  g.sig = select_nonneg(a, big, small);
-  g.sig_neg = select_nonneg(a, small, big);
+  g.sig = s.sig;
+  g.sig_neg = s.sig_neg;
   g.sp = select_nonneg(a, a + tail, tail);
   g.sp_neg = select_nonneg(a, tail, tail - a);
   return g;
@@ -469,7 +483,8 @@ template <typename T>
 VAE_HD NbParts<T> nb_parts(T l, T x, T t, T theta) {
   NbParts<T> parts;
   parts.g = logistic(l - t);
-  parts.log1p_xi = log1p_(x / theta);
+  // 0 where x = 0: a vector of zeros (most of a count matrix) skips the division and the log.
+  parts.log1p_xi = any_negative_(T(0) - x) ? log1p_(x / theta) : x / theta;
   return parts;
 }
 
@@ -526,11 +541,21 @@ VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   }
   const T A = nb.loss;
   const T c = z + A;
-  const Logistic<T> gc = logistic(c);
-  const T w0 = gz.sig_neg * (T(0) - expm1_(T(0) - A));
-  const T loss0 = select_nonneg(T(0.5) - w0, T(0) - log1p_(T(0) - w0), gz.sp - gc.sp + A);
+  const Sigmoids<T> gc = sigmoids(c);  // its softplus (a log) only for lanes with w0 > 1/2, below
+  const T expm1_neg_A = expm1_(T(0) - A);
+  const T w0 = gz.sig_neg * (T(0) - expm1_neg_A);
+  const T near = T(0.5) - w0;  // >= 0: w0 <= 1/2, the log1p form
+  T loss0 = near;  // each form only where some lane takes it (a NaN lane stays NaN either way)
+  if (any_negative_(select_nonneg(near, T(-1), T(1)))) loss0 = T(0) - log1p_(T(0) - w0);  // some w0 <= 1/2
+  if (any_negative_(near)) {  // some w0 > 1/2
+    const T tail = log1p_(gc.e);
+    const T far = gz.sp - select_nonneg(c, c + tail, tail) + A;
+    loss0 = select_nonneg(near, loss0, far);
+  }
   const T dz_far = select_nonneg(z, gc.sig_neg - gz.sig_neg, gz.sig - gc.sig);
-  const T dz0 = select_nonneg(A - T(1), dz_far, T(0) - gz.sig * gc.sig_neg * expm1_(A));
+  // expm1(A) = -expm1(-A) / e^-A, exact to a few ulp where it is used (A < 1: e^-A > 0.36).
+  const T expm1_A = (T(0) - expm1_neg_A) / (T(1) + expm1_neg_A);
+  const T dz0 = select_nonneg(A - T(1), dz_far, T(0) - gz.sig * gc.sig_neg * expm1_A);
   const T zero = T(0) - x;  // >= 0: the x = 0 case
   CountTerm<T> r;
   r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;

@@ -357,8 +357,8 @@ HoistedScale<at::opmath_type<scalar_t>> hoist_scale(const LossProblem& p) {
 // Their math runs in double whatever the input dtype (csrc/vae_math.h says why): each stage of a
 // block is converted to double, and each gradient rounded once on the way out.
 using count_t = double;
-// Elements per stage of a count block: eight double buffers of it stay within 32 KiB.
-constexpr int64_t kCountStage = 512;
+// Elements per stage of a count block: its twelve double buffers stay within 32 KiB.
+constexpr int64_t kCountStage = 256;
 
 template <typename scalar_t>
 void to_count(const scalar_t* src, count_t* dst, int64_t n) {
@@ -412,10 +412,16 @@ struct CountAccumulator {
   bool tail_bad = false;
 };
 
-// n elements of a count term. `t`: per_feature, the span's features' offset into th's hoisted
-// arrays (feature index); per_element, the elements' log_theta; uniform, unused. z: zinb only.
+// The NbTheta pieces of each element of a span (per_feature: th's hoisted arrays at the span's
+// features, or gathered from them in the span's order).
+struct HoistedTheta {
+  const count_t *t = nullptr, *theta = nullptr, *binet = nullptr, *psit = nullptr;
+};
+
+// n elements of a count term. `t`: per_element, the elements' log_theta; `hoisted`: per_feature,
+// the elements' pieces of it; th.uniform: uniform. z: zinb only.
 template <Likelihood kLik, ScaleLayout kLayout>
-void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t feature, const count_t* z,
+void count_span(const count_t* l, const count_t* x, const count_t* t, const HoistedTheta& hoisted, const count_t* z,
                 const CountTheta& th, int64_t n, const CountSpanOut& out, count_t scale, CountAccumulator& acc) {
   using V = Vec<count_t>;
   constexpr int64_t W = V::size();
@@ -428,9 +434,7 @@ void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t fe
     NbTheta<V> tv = uniform;
     if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(V::loadu(t + i));
     if constexpr (kLayout == ScaleLayout::per_feature) {
-      const int64_t j = feature + i;
-      tv = {V::loadu(th.t.data() + j), V::loadu(th.theta.data() + j), V::loadu(th.binet.data() + j),
-            V::loadu(th.psit.data() + j)};
+      tv = {V::loadu(hoisted.t + i), V::loadu(hoisted.theta + i), V::loadu(hoisted.binet + i), V::loadu(hoisted.psit + i)};
     }
     const V zv = kLik == Likelihood::zinb ? V::loadu(z + i) : zero;
     const CountTerm<V> c = count_term<kLik>(lv, xv, tv, zv);
@@ -448,10 +452,7 @@ void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t fe
   for (; i < n; ++i) {
     NbTheta<count_t> tv = th.uniform;
     if constexpr (kLayout == ScaleLayout::per_element) tv = nb_theta(t[i]);
-    if constexpr (kLayout == ScaleLayout::per_feature) {
-      const int64_t j = feature + i;
-      tv = {th.t[j], th.theta[j], th.binet[j], th.psit[j]};
-    }
+    if constexpr (kLayout == ScaleLayout::per_feature) tv = {hoisted.t[i], hoisted.theta[i], hoisted.binet[i], hoisted.psit[i]};
     const count_t zv = kLik == Likelihood::zinb ? z[i] : 0.0;
     const CountTerm<count_t> c = count_term<kLik>(l[i], x[i], tv, zv);
     acc.tail_loss += c.loss;
@@ -464,9 +465,35 @@ void count_span(const count_t* l, const count_t* x, const count_t* t, int64_t fe
   }
 }
 
-// A block of a count term, staged through double buffers; returns its loss, its d loss / d t total
-// in *grad_t_total (one shared log_theta whose gradient is wanted), adds its d/dt into the task's
-// per-feature sums, or writes them per element, as location_scale_block does for log_scale.
+// The order a stage's elements are computed in: the zero counts first, then the rest, each in place
+// order. A vector with one positive count computes the positive-count math (two Binet terms, the
+// deviances, the digamma difference) for all its lanes; most of a count matrix is zeros, scattered,
+// so in place order most vectors would. Returns the number of zeros; order is the identity (and
+// left unfilled) when the stage is all zeros or has none.
+template <typename scalar_t>
+int64_t zeros_first_order(const scalar_t* x, int64_t n, int32_t* order) {
+  int64_t zeros = 0;
+  for (int64_t j = 0; j < n; ++j) zeros += x[j] == scalar_t(0);
+  if (zeros == 0 || zeros == n) return zeros;
+  int64_t z = 0, rest = zeros;
+  for (int64_t j = 0; j < n; ++j) order[x[j] == scalar_t(0) ? z++ : rest++] = static_cast<int32_t>(j);
+  return zeros;
+}
+
+template <typename src_t>
+void gather_count(const src_t* src, const int32_t* order, count_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<count_t>(src[order[j]]);
+}
+
+template <typename out_t>
+void scatter_count(const count_t* src, const int32_t* order, out_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[order[j]] = static_cast<out_t>(src[j]);
+}
+
+// A block of a count term, staged through double buffers in zeros-first order; returns its loss,
+// its d loss / d t total in *grad_t_total (one shared log_theta whose gradient is wanted), adds its
+// d/dt into the task's per-feature sums, or writes them per element, as location_scale_block does
+// for log_scale. The order is fixed by the data, so the sums are the same bits on any thread count.
 template <Likelihood kLik, ScaleLayout kLayout, typename scalar_t>
 double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b,
                    at::opmath_type<scalar_t>* grad_t_feature_sums, double* grad_t_total, bool& bad) {
@@ -482,28 +509,60 @@ double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b
 
   count_t l_buf[kCountStage], x_buf[kCountStage], t_buf[kCountStage], z_buf[kCountStage];
   count_t gl_buf[kCountStage], gx_buf[kCountStage], gt_buf[kCountStage], gz_buf[kCountStage];
+  count_t ht_buf[kCountStage], htheta_buf[kCountStage], hbinet_buf[kCountStage], hpsit_buf[kCountStage];
+  int32_t order[kCountStage];
   CountAccumulator acc;
   for (int64_t start = 0; start < b.n; start += kCountStage) {
     const int64_t k = std::min(kCountStage, b.n - start);
-    to_count(l + start, l_buf, k);
-    to_count(x + start, x_buf, k);
-    if (t) to_count(t + start, t_buf, k);
-    if (z) to_count(z + start, z_buf, k);
+    // Poisson's positive-count math is too cheap to pay for the gathers.
+    const int64_t zeros = kLik == Likelihood::poisson ? 0 : zeros_first_order(x + start, k, order);
+    const bool reorder = zeros != 0 && zeros != k;
+    const int64_t feature = b.feature + start;
+    HoistedTheta hoisted;
+    if constexpr (kLayout == ScaleLayout::per_feature) {
+      hoisted = {th.t.data() + feature, th.theta.data() + feature, th.binet.data() + feature, th.psit.data() + feature};
+    }
+    if (reorder) {
+      gather_count(l + start, order, l_buf, k);
+      gather_count(x + start, order, x_buf, k);
+      if (t) gather_count(t + start, order, t_buf, k);
+      if (z) gather_count(z + start, order, z_buf, k);
+      if constexpr (kLayout == ScaleLayout::per_feature) {
+        gather_count(hoisted.t, order, ht_buf, k);
+        gather_count(hoisted.theta, order, htheta_buf, k);
+        gather_count(hoisted.binet, order, hbinet_buf, k);
+        gather_count(hoisted.psit, order, hpsit_buf, k);
+        hoisted = {ht_buf, htheta_buf, hbinet_buf, hpsit_buf};
+      }
+    } else {
+      to_count(l + start, l_buf, k);
+      to_count(x + start, x_buf, k);
+      if (t) to_count(t + start, t_buf, k);
+      if (z) to_count(z + start, z_buf, k);
+    }
     CountSpanOut out;
     out.grad_l = grad_l ? gl_buf : nullptr;
     out.grad_x = grad_x ? gx_buf : nullptr;
     out.grad_z = grad_z ? gz_buf : nullptr;
     out.grad_t = write_t || grad_t_feature_sums ? gt_buf : nullptr;
     out.grad_t_total = grad_t_total != nullptr;
-    count_span<kLik, kLayout>(l_buf, x_buf, t ? t_buf : nullptr, b.feature + start, z ? z_buf : nullptr, th, k, out,
+    count_span<kLik, kLayout>(l_buf, x_buf, t ? t_buf : nullptr, hoisted, z ? z_buf : nullptr, th, k, out,
                               static_cast<count_t>(p.grad_scale), acc);
-    if (grad_l) from_count(gl_buf, grad_l + start, k);
-    if (grad_x) from_count(gx_buf, grad_x + start, k);
-    if (grad_z) from_count(gz_buf, grad_z + start, k);
-    if (grad_t_acc) from_count(gt_buf, grad_t_acc + start, k);
-    if (grad_t_scalar) from_count(gt_buf, grad_t_scalar + start, k);
+    // Back in place order: gt_buf's too, for the per-feature sums.
+    const auto put = [&](const count_t* src, auto* dst) {
+      if (reorder) scatter_count(src, order, dst, k); else from_count(src, dst, k);
+    };
+    if (grad_l) put(gl_buf, grad_l + start);
+    if (grad_x) put(gx_buf, grad_x + start);
+    if (grad_z) put(gz_buf, grad_z + start);
+    if (grad_t_acc) put(gt_buf, grad_t_acc + start);
+    if (grad_t_scalar) put(gt_buf, grad_t_scalar + start);
     if (grad_t_feature_sums) {
-      for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + j] += static_cast<acc_t>(gt_buf[j]);
+      if (reorder) {
+        for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + order[j]] += static_cast<acc_t>(gt_buf[j]);
+      } else {
+        for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + j] += static_cast<acc_t>(gt_buf[j]);
+      }
     }
   }
   if (grad_t_total) *grad_t_total = (sum_lanes(acc.grad_t) + acc.tail_grad_t) * p.grad_scale;
