@@ -45,7 +45,7 @@ import torch
 
 from vae_fast import baselines
 from vae_fast.bench import timing
-from vae_fast.bench.baseline_process import SETTLE_S, RemoteRun
+from vae_fast.bench.baseline_process import SETTLE_S, WARMUP_AFTER_SETTLE_S, RemoteRun
 
 GENES = 20_000
 LATENT = 10
@@ -155,6 +155,9 @@ def serve() -> None:
                 reply = {"checksum": checksum(sets), "compile_s": compile_s}
             elif request["cmd"] == "time":
                 reply = {"seconds": timing.HostClock().seconds_per_call(runs[request["name"]], request["calls"])}
+            elif request["cmd"] == "warm":
+                timing.warm_for(runs[request["name"]], request["seconds"])
+                reply = {}
             else:
                 reply = {"error": f"unknown request {request['cmd']!r}"}
         except Exception as error:  # noqa: BLE001  (reported to the parent)
@@ -163,7 +166,8 @@ def serve() -> None:
 
 
 class Baseline:
-    """The server in the other interpreter; `RemoteRun(self, name)` times one of its contenders."""
+    """The server in the other interpreter; `RemoteRun(self, name, mode)` times one of its contenders
+    (the case built last, whose mode the build request named: `mode` is not sent again)."""
 
     def __init__(self, python: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
@@ -182,8 +186,11 @@ class Baseline:
             raise RuntimeError(f"baseline interpreter: {reply['error']}")
         return reply
 
-    def seconds_per_call(self, name: str, calls: int) -> float:
+    def seconds_per_call(self, name: str, mode: str, calls: int) -> float:
         return self.ask({"cmd": "time", "name": name, "calls": calls})["seconds"]
+
+    def warm_for(self, name: str, mode: str, seconds: float) -> None:
+        self.ask({"cmd": "warm", "name": name, "seconds": seconds})
 
     def close(self) -> None:
         self.child.stdin.close()
@@ -213,13 +220,14 @@ def measure_case(likelihood: str, batch: int, mode: str, baseline: Baseline | No
         if abs(reply["checksum"] - checksum(sets)) > 1e-6 * abs(checksum(sets)):
             raise RuntimeError(f"the baseline interpreter built other inputs for {likelihood} B={batch} {mode}")
         compile_s["compiled 2.13"] = reply["compile_s"]
-        runs["eager 2.13"] = RemoteRun(baseline, "eager")
-        runs["compiled 2.13"] = RemoteRun(baseline, "compiled")
+        runs["eager 2.13"] = RemoteRun(baseline, "eager", mode)
+        runs["compiled 2.13"] = RemoteRun(baseline, "compiled", mode)
     for run in runs.values():
         run()
     clock = timing.HostClock()
     repetitions = timing.choose_repetitions(runs, clock, min_sample_s=0.05, budget_s=budget_s, min_rounds=5, max_rounds=15)
-    samples = timing.interleaved_samples(runs, clock, repetitions, settle_s=SETTLE_S if baseline else 0.0)
+    samples = timing.interleaved_samples(runs, clock, repetitions, settle_s=SETTLE_S if baseline else 0.0,
+                                         warmup_s=WARMUP_AFTER_SETTLE_S if baseline else 0.0)
     medians = {name: 1e3 * statistics.median(s) for name, s in samples.items()}
     return Row(likelihood, batch, mode, medians, compile_s, len(sets))
 
