@@ -518,27 +518,27 @@ double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b
     const int64_t zeros = kLik == Likelihood::poisson ? 0 : zeros_first_order(x + start, k, order);
     const bool reorder = zeros != 0 && zeros != k;
     const int64_t feature = b.feature + start;
+    // In, converted to double (and gathered into zeros-first order), and out again the same way.
+    const auto take = [&](const auto* src, count_t* dst) {
+      if (reorder) gather_count(src, order, dst, k); else to_count(src, dst, k);
+    };
+    const auto put = [&](const count_t* src, auto* dst) {
+      if (reorder) scatter_count(src, order, dst, k); else from_count(src, dst, k);
+    };
+    take(l + start, l_buf);
+    take(x + start, x_buf);
+    if (t) take(t + start, t_buf);
+    if (z) take(z + start, z_buf);
     HoistedTheta hoisted;
     if constexpr (kLayout == ScaleLayout::per_feature) {
       hoisted = {th.t.data() + feature, th.theta.data() + feature, th.binet.data() + feature, th.psit.data() + feature};
-    }
-    if (reorder) {
-      gather_count(l + start, order, l_buf, k);
-      gather_count(x + start, order, x_buf, k);
-      if (t) gather_count(t + start, order, t_buf, k);
-      if (z) gather_count(z + start, order, z_buf, k);
-      if constexpr (kLayout == ScaleLayout::per_feature) {
-        gather_count(hoisted.t, order, ht_buf, k);
-        gather_count(hoisted.theta, order, htheta_buf, k);
-        gather_count(hoisted.binet, order, hbinet_buf, k);
-        gather_count(hoisted.psit, order, hpsit_buf, k);
+      if (reorder) {
+        take(hoisted.t, ht_buf);
+        take(hoisted.theta, htheta_buf);
+        take(hoisted.binet, hbinet_buf);
+        take(hoisted.psit, hpsit_buf);
         hoisted = {ht_buf, htheta_buf, hbinet_buf, hpsit_buf};
       }
-    } else {
-      to_count(l + start, l_buf, k);
-      to_count(x + start, x_buf, k);
-      if (t) to_count(t + start, t_buf, k);
-      if (z) to_count(z + start, z_buf, k);
     }
     CountSpanOut out;
     out.grad_l = grad_l ? gl_buf : nullptr;
@@ -548,21 +548,13 @@ double count_block(const LossProblem& p, const CountTheta& th, const BlockRef& b
     out.grad_t_total = grad_t_total != nullptr;
     count_span<kLik, kLayout>(l_buf, x_buf, t ? t_buf : nullptr, hoisted, z ? z_buf : nullptr, th, k, out,
                               static_cast<count_t>(p.grad_scale), acc);
-    // Back in place order: gt_buf's too, for the per-feature sums.
-    const auto put = [&](const count_t* src, auto* dst) {
-      if (reorder) scatter_count(src, order, dst, k); else from_count(src, dst, k);
-    };
     if (grad_l) put(gl_buf, grad_l + start);
     if (grad_x) put(gx_buf, grad_x + start);
     if (grad_z) put(gz_buf, grad_z + start);
     if (grad_t_acc) put(gt_buf, grad_t_acc + start);
     if (grad_t_scalar) put(gt_buf, grad_t_scalar + start);
     if (grad_t_feature_sums) {
-      if (reorder) {
-        for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + order[j]] += static_cast<acc_t>(gt_buf[j]);
-      } else {
-        for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + j] += static_cast<acc_t>(gt_buf[j]);
-      }
+      for (int64_t j = 0; j < k; ++j) grad_t_feature_sums[start + (reorder ? order[j] : j)] += static_cast<acc_t>(gt_buf[j]);
     }
   }
   if (grad_t_total) *grad_t_total = (sum_lanes(acc.grad_t) + acc.tail_grad_t) * p.grad_scale;
