@@ -93,26 +93,34 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
         load_count_file(tmp_path / "ok.npy", layer="counts")
 
 
-def test_the_training_split_stays_sparse_and_its_batches_are_its_rows(tmp_path):
+def test_both_splits_stay_sparse_and_their_batches_are_their_rows(tmp_path):
     counts = _counts(cells=50)
     np.save(tmp_path / "cells.npy", counts)
     data = load_dataset("counts", data_file=tmp_path / "cells.npy", seed=3)
-    assert isinstance(data.train_x, CountMatrix) and len(data.train_x) == 40 and data.test_x.shape == (10, 7)
+    assert isinstance(data.train_x, CountMatrix) and len(data.train_x) == 40
+    assert isinstance(data.test_x, CountMatrix) and data.test_x.shape == (10, 7)
     # Every cell lands in exactly one split, unchanged.
-    together = np.concatenate([data.train_x.to_dense().numpy(), data.test_x.numpy()])
+    together = np.concatenate([data.train_x.to_dense().numpy(), data.test_x.to_dense().numpy()])
     assert sorted(map(tuple, together)) == sorted(map(tuple, counts))
     rows = torch.tensor([7, 0, 39])
     dense = data.train_x.to_dense()
     assert torch.equal(data.train_x.index_select(0, rows), dense[rows])
     assert torch.equal(torch.cat(list(data.train_x.split(16))), dense)
     assert data.median_library_size == float(np.median(dense.sum(1).numpy()))
+    held_out = data.test_x.to_dense()
+    assert torch.equal(data.test_x[2:7], held_out[2:7]) and torch.equal(data.test_x[:100], held_out)
+    assert torch.equal(data.test_x[3], held_out[3]) and torch.equal(data.test_x[-1], held_out[-1])
+    with pytest.raises(IndexError, match="row 10 of a CountMatrix of 10 rows"):
+        data.test_x[10]
+    with pytest.raises(TypeError, match="int or a slice"):
+        data.test_x[[0, 1]]
 
 
 def test_digits_counts_are_the_raw_pixel_counts():
     from sklearn.datasets import load_digits
 
     data = load_dataset("digits-counts", seed=0)
-    values = np.concatenate([data.train_x.to_dense().numpy(), data.test_x.numpy()])
+    values = np.concatenate([data.train_x.to_dense().numpy(), data.test_x.to_dense().numpy()])
     assert values.shape == (1797, 64)
     assert sorted(map(tuple, values)) == sorted(map(tuple, load_digits().data.astype(np.float32)))
     assert values.max() == 16 and np.array_equal(values, np.round(values))

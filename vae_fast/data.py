@@ -17,8 +17,8 @@ Continuous real data (`Dataset.continuous`: any real value; Gaussian or Laplace 
 
 Counts (cells x genes, values >= 0; the count likelihoods poisson, nb, zinb; `vae_fast.count_data`):
 - "counts": the matrix in `data_file`, a .h5ad (AnnData: X or the layer `layer`), .npy or .npz
-  (dense or scipy sparse); 20% of the cells held out. The training split stays sparse on the host
-  (`count_data.CountMatrix`) and is densified batch by batch; the held-out split is dense.
+  (dense or scipy sparse); 20% of the cells held out. Both splits stay sparse on the host
+  (`count_data.CountMatrix`) and are densified batch by batch.
 - "digits-counts": scikit-learn's bundled 8x8 digits as raw pixel counts 0..16 (1,797 x 64; the
   real count set that ships with a dependency and runs offline).
 
@@ -287,8 +287,8 @@ def _load_npy(path: Path, seed: int) -> Dataset:
 
 
 def _count_split(name: str, counts, seed: int, feature_names=None, image_shape=None) -> Dataset:
-    """A count set (float32 CSR [N, D], checked) split as `_split` does, 20% held out: the training
-    cells stay sparse (CountMatrix), the held-out ones dense."""
+    """A count set (float32 CSR [N, D], checked) split as `_split` does, 20% held out; both splits
+    stay sparse (CountMatrix)."""
     from .count_data import CountMatrix
 
     cells = counts.shape[0]
@@ -298,7 +298,7 @@ def _count_split(name: str, counts, seed: int, feature_names=None, image_shape=N
     order = torch.randperm(cells, generator=torch.Generator().manual_seed(seed)).numpy()
     train, test = counts[order[test_size:]], counts[order[:test_size]]
     median = float(np.median(np.asarray(train.sum(1)).ravel()))
-    return Dataset(name, CountMatrix(train), None, torch.from_numpy(test.toarray()), None,
+    return Dataset(name, CountMatrix(train), None, CountMatrix(test), None,
                    image_shape or (counts.shape[1],), feature_names=feature_names, median_library_size=median)
 
 

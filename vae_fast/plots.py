@@ -204,6 +204,8 @@ def save_training_images(model: VAE, test_x: torch.Tensor, test_y, image_shape, 
     """Every image `vae-fast train` writes into out_dir; returns their paths. Tabular data
     (image_shape (D,)) gets feature_reconstructions.png and a samples heatmap instead of grids."""
     out_dir = Path(out_dir)
+    if not isinstance(test_x, torch.Tensor):  # a sparse held-out split (count_data.CountMatrix)
+        test_x = test_x[:2000]  # the pictures use at most this many cells: only they are made dense
     was_training = model.training
     model.eval()
     weight = model.encoder_heads.weight
