@@ -279,6 +279,13 @@ VAE_HD Sigmoids<T> sigmoids(T a) {
   return {select_nonneg(a, big, small), select_nonneg(a, small, big), e};
 }
 
+// softplus(a) = log(1 + e^a) from the e = exp(-|a|) of sigmoids(a).
+template <typename T>
+VAE_HD T softplus_of(T a, const Sigmoids<T>& s) {
+  const T tail = log1p_(s.e);
+  return select_nonneg(a, a + tail, tail);
+}
+
 // sigmoid(+-a) and softplus(+-a).
 template <typename T>
 struct Logistic {
@@ -534,10 +541,10 @@ VAE_HD T zinb_target_grad(T z, T x, T nb_grad) {
 // d/dx is 0 at x = 0: the point mass does not move with x.
 template <typename T>
 VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
-  const Logistic<T> gz = logistic(z);
+  const Sigmoids<T> gz = sigmoids(z);
   const T poison = z - z;
   if (!any_negative_(x - T(kSmallestDouble))) {  // no x is 0: the x > 0 case alone
-    return {nb.loss + gz.sp + poison, nb.d_recon + poison, nb.d_log_theta + poison, gz.sig + poison};
+    return {nb.loss + softplus_of(z, gz) + poison, nb.d_recon + poison, nb.d_log_theta + poison, gz.sig + poison};
   }
   const T A = nb.loss;
   const T c = z + A;
@@ -545,20 +552,19 @@ VAE_HD CountTerm<T> zinb_term(T z, T x, const CountTerm<T>& nb) {
   const T expm1_neg_A = expm1_(T(0) - A);
   const T w0 = gz.sig_neg * (T(0) - expm1_neg_A);
   const T near = T(0.5) - w0;  // >= 0: w0 <= 1/2, the log1p form
+  const bool some_far = any_negative_(near);  // some w0 > 1/2
+  // softplus(z) (a log) only for a vector that uses it: one with an x > 0 or a w0 > 1/2 lane.
+  const T sp_z = some_far || any_negative_(T(0) - x) ? softplus_of(z, gz) : T(0) * z;
   T loss0 = near;  // each form only where some lane takes it (a NaN lane stays NaN either way)
   if (any_negative_(select_nonneg(near, T(-1), T(1)))) loss0 = T(0) - log1p_(T(0) - w0);  // some w0 <= 1/2
-  if (any_negative_(near)) {  // some w0 > 1/2
-    const T tail = log1p_(gc.e);
-    const T far = gz.sp - select_nonneg(c, c + tail, tail) + A;
-    loss0 = select_nonneg(near, loss0, far);
-  }
+  if (some_far) loss0 = select_nonneg(near, loss0, sp_z - softplus_of(c, gc) + A);
   const T dz_far = select_nonneg(z, gc.sig_neg - gz.sig_neg, gz.sig - gc.sig);
   // expm1(A) = -expm1(-A) / e^-A, exact to a few ulp where it is used (A < 1: e^-A > 0.36).
   const T expm1_A = (T(0) - expm1_neg_A) / (T(1) + expm1_neg_A);
   const T dz0 = select_nonneg(A - T(1), dz_far, T(0) - gz.sig * gc.sig_neg * expm1_A);
   const T zero = T(0) - x;  // >= 0: the x = 0 case
   CountTerm<T> r;
-  r.loss = select_nonneg(zero, loss0, nb.loss + gz.sp) + poison;
+  r.loss = select_nonneg(zero, loss0, nb.loss + sp_z) + poison;
   r.d_recon = select_nonneg(zero, gc.sig_neg * nb.d_recon, nb.d_recon) + poison;
   r.d_log_theta = select_nonneg(zero, gc.sig_neg * nb.d_log_theta, nb.d_log_theta) + poison;
   r.d_zi = select_nonneg(zero, dz0, gz.sig) + poison + (A - A);
